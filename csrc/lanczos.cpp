@@ -1,0 +1,2 @@
+// Thick-restart Lanczos driver (issue 3).
+#include "hbk/dense.h"

@@ -1,0 +1,30 @@
+"""hbkernels: Hessian eigenpairs, per-sample gradient alignment and decision-boundary measures.
+
+The compiled extension (``hbkernels._C``) registers the ops under ``torch.ops.hbkernels``; at
+import, hbkernels checks that it was built against the running torch.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .ops import (  # noqa: E402  (loads and checks the extension first)
+    cosine_alignment,
+    cosine_from_dots,
+    ghost_alignment,
+    ghost_dots,
+    ghost_gram,
+    ghost_sq_norms,
+    gram,
+)
+
+__all__ = [
+    "__version__",
+    "gram",
+    "cosine_alignment",
+    "ghost_gram",
+    "ghost_dots",
+    "ghost_sq_norms",
+    "ghost_alignment",
+    "cosine_from_dots",
+]
