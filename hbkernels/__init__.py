@@ -17,6 +17,7 @@ from .ops import (  # noqa: E402  (loads and checks the extension first)
     ghost_sq_norms,
     gram,
 )
+from .params import flatten_params, num_params, unflatten_like  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -27,4 +28,7 @@ __all__ = [
     "ghost_sq_norms",
     "ghost_alignment",
     "cosine_from_dots",
+    "flatten_params",
+    "unflatten_like",
+    "num_params",
 ]
