@@ -4,12 +4,12 @@
 #include "hbk/common.h"
 #include "hbk/factors.h"
 
-#include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/where.h>
@@ -23,7 +23,12 @@ namespace {
 constexpr int64_t kBlockBytes = 4 << 20;        // a row block of G: about L2/L3 sized
 constexpr int64_t kTempElems = 4 << 20;         // bound on per-block temporaries (elements)
 
-// 1/sqrt(x), or 0 where x == 0 (the documented zero-norm convention).
+// 1/x, or 0 where x == 0 (the documented zero-norm convention).
+at::Tensor safe_inverse(const at::Tensor& x) {
+  return at::where(x > 0, x.reciprocal(), at::zeros({}, x.options()));
+}
+
+// 1/sqrt(x), or 0 where x == 0.
 at::Tensor safe_rsqrt(const at::Tensor& sq) {
   return at::where(sq > 0, sq.rsqrt(), at::zeros({}, sq.options()));
 }
@@ -44,28 +49,6 @@ void scale_rows_cols_(at::Tensor& C, const at::Tensor& rg, const at::Tensor& rv)
     at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
         for (int64_t j = 0; j < k; ++j) c[i * k + j] *= pg[i] * pv[j];
-    });
-  });
-}
-
-// Squared norms of the rows of a row-contiguous block, accumulated in double for float.
-void row_sq_norms(const at::Tensor& block, at::Tensor out) {
-  if (!block.is_cpu()) {
-    out.copy_(block.square().sum(1));
-    return;
-  }
-  const int64_t rows = block.size(0), cols = block.size(1), ld = block.stride(0);
-  AT_DISPATCH_FLOATING_TYPES(block.scalar_type(), "hbk::row_sq_norms", [&] {
-    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
-    const scalar_t* g = block.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t* r = g + i * ld;
-        acc_t s = 0;
-        for (int64_t j = 0; j < cols; ++j) s += acc_t(r[j]) * acc_t(r[j]);
-        o[i] = static_cast<scalar_t>(s);
-      }
     });
   });
 }
@@ -103,18 +86,20 @@ at::Tensor cosine_alignment(const at::Tensor& grads, const at::Tensor& vectors) 
   if (n == 0 || k == 0) return C;
   if (p == 0) return C.zero_();
 
-  auto gsq = at::empty({n}, grads.options());
+  auto gnorm = at::empty({n}, grads.options());
   const int64_t block = rows_per_block(p, grads.element_size(), kBlockBytes, 16, 4096);
   for (int64_t i0 = 0; i0 < n; i0 += block) {
     const int64_t bi = std::min(block, n - i0);
     auto Gi = grads.narrow(0, i0, bi);
     if (Gi.stride(1) != 1) Gi = Gi.contiguous();  // one block copy, bounded memory
-    // Norms first, then the GEMM reads the same block again while it is still cached.
-    row_sq_norms(Gi, gsq.narrow(0, i0, bi));
+    // Norms first (ATen's vectorised reduction), then the GEMM reads the same block again
+    // while it is still cached.
+    auto gi = gnorm.narrow(0, i0, bi);
+    at::linalg_vector_norm_out(gi, Gi, 2, 1);
     auto Ci = C.narrow(0, i0, bi);
     at::mm_out(Ci, Gi, vectors);
   }
-  scale_rows_cols_(C, safe_rsqrt(gsq), safe_rsqrt(vectors.square().sum(0)));
+  scale_rows_cols_(C, safe_inverse(gnorm), safe_inverse(at::linalg_vector_norm(vectors, 2, 0)));
   return C;
 }
 

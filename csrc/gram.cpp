@@ -13,6 +13,10 @@
 #include <cmath>
 
 namespace hbk {
+namespace {
+// Entries per GEMM buffer of the ghost Gram (two buffers: 2 x 16 MB in float32).
+constexpr int64_t kBufferElems = 4 << 20;
+}  // namespace
 
 void mirror_upper_to_lower(at::Tensor& K) {
   const int64_t n = K.size(0);
@@ -58,56 +62,6 @@ at::Tensor gram(const at::Tensor& grads) {
   return K;
 }
 
-namespace {
-
-// acc (ti, tj; row stride ld) += sum over the T x T sub-blocks of bufA * bufD
-// (+ beta * bufD when T == 1, + bufS when T > 1 and the layer has a bias).
-template <typename scalar_t>
-void accumulate_tile_cpu(scalar_t* acc, int64_t ld, const scalar_t* bA, const scalar_t* bD,
-                         const scalar_t* bS, int64_t ti, int64_t tj, int64_t T, scalar_t beta) {
-  const int64_t row = tj * T;  // row length of bA / bD
-  at::parallel_for(0, ti, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t a = begin; a < end; ++a) {
-      scalar_t* out = acc + a * ld;
-      if (T == 1) {
-        const scalar_t* pa = bA + a * row;
-        const scalar_t* pd = bD + a * row;
-        for (int64_t b = 0; b < tj; ++b) out[b] += (pa[b] + beta) * pd[b];
-        continue;
-      }
-      for (int64_t b = 0; b < tj; ++b) {
-        scalar_t s = bS ? bS[a * tj + b] : scalar_t(0);
-        for (int64_t t = 0; t < T; ++t) {
-          const scalar_t* pa = bA + (a * T + t) * row + b * T;
-          const scalar_t* pd = bD + (a * T + t) * row + b * T;
-          for (int64_t u = 0; u < T; ++u) s += pa[u] * pd[u];
-        }
-        out[b] += s;
-      }
-    }
-  });
-}
-
-void accumulate_tile(at::Tensor& acc, const at::Tensor& bA, const at::Tensor& bD,
-                     const at::Tensor* bS, int64_t T, double beta) {
-  const int64_t ti = acc.size(0), tj = acc.size(1);
-  if (!acc.is_cpu()) {  // device-generic fallback: same math with tensor ops
-    auto prod = (bA.view({ti, T, tj, T}) * bD.view({ti, T, tj, T})).sum({1, 3});
-    if (T == 1 && beta != 0.0) prod.add_(bD, beta);
-    if (bS) prod.add_(*bS);
-    acc.add_(prod);
-    return;
-  }
-  AT_DISPATCH_FLOATING_TYPES(acc.scalar_type(), "hbk::ghost_gram_tile", [&] {
-    accumulate_tile_cpu<scalar_t>(acc.data_ptr<scalar_t>(), acc.stride(0),
-                                  bA.data_ptr<scalar_t>(), bD.data_ptr<scalar_t>(),
-                                  bS ? bS->data_ptr<scalar_t>() : nullptr, ti, tj, T,
-                                  static_cast<scalar_t>(beta));
-  });
-}
-
-}  // namespace
-
 at::Tensor ghost_gram(at::TensorList inputs, at::TensorList output_grads,
                       const c10::List<bool>& has_bias) {
   static const char* fn = "hbk::ghost_gram";
@@ -119,17 +73,17 @@ at::Tensor ghost_gram(at::TensorList inputs, at::TensorList output_grads,
 
   int64_t Tmax = 1;
   for (const auto& L : layers) Tmax = std::max(Tmax, L.T);
-  // Samples per tile: each tile buffer holds (tile*T)^2 entries, at most ~1M (4-8 MB).
-  const int64_t tile = std::clamp<int64_t>(1024 / Tmax, 1, 512);
-  const int64_t side = tile * Tmax;
-  auto bufA = at::empty({side * side}, opts);
-  auto bufD = at::empty({side * side}, opts);
-  auto bufS = at::empty({tile * tile}, opts);
+  // Work on block rows of the upper triangle, K[i0:i0+ti, j0:j0+tj], with two GEMM buffers of
+  // (ti*T) x (tj*T) entries each: few large GEMMs, and no per-layer n x n temporary.
+  const int64_t tile_rows = std::clamp<int64_t>(kBufferElems / (Tmax * Tmax * n), 1, 512);
+  const int64_t tile_cols = std::clamp<int64_t>(kBufferElems / (Tmax * Tmax * tile_rows), 1, n);
+  auto bufA = at::empty({tile_rows * Tmax * tile_cols * Tmax}, opts);
+  auto bufD = at::empty_like(bufA);
 
-  for (int64_t i0 = 0; i0 < n; i0 += tile) {
-    const int64_t ti = std::min(tile, n - i0);
-    for (int64_t j0 = i0; j0 < n; j0 += tile) {  // upper triangle of tiles only
-      const int64_t tj = std::min(tile, n - j0);
+  for (int64_t i0 = 0; i0 < n; i0 += tile_rows) {
+    const int64_t ti = std::min(tile_rows, n - i0);
+    for (int64_t j0 = i0; j0 < n; j0 += tile_cols) {
+      const int64_t tj = std::min(tile_cols, n - j0);
       auto acc = K.narrow(0, i0, ti).narrow(1, j0, tj);
       for (const auto& L : layers) {
         const int64_t T = L.T;
@@ -137,14 +91,14 @@ at::Tensor ghost_gram(at::TensorList inputs, at::TensorList output_grads,
         auto bD = bufD.narrow(0, 0, ti * T * tj * T).view({ti * T, tj * T});
         at::mm_out(bA, L.A2.narrow(0, i0 * T, ti * T), L.A2.narrow(0, j0 * T, tj * T).t());
         at::mm_out(bD, L.D2.narrow(0, i0 * T, ti * T), L.D2.narrow(0, j0 * T, tj * T).t());
-        at::Tensor bS;
-        const bool sum_bias = L.bias && T > 1;
-        if (sum_bias) {
-          bS = bufS.narrow(0, 0, ti * tj).view({ti, tj});
-          at::mm_out(bS, L.Dsum.narrow(0, i0, ti), L.Dsum.narrow(0, j0, tj).t());
+        if (T == 1) {  // acc += (a_i.a_j + b) (d_i.d_j)
+          if (L.bias) bA.add_(1.0);
+          acc.addcmul_(bA, bD);
+          continue;
         }
-        accumulate_tile(acc, bA, bD, sum_bias ? &bS : nullptr, T,
-                        (L.bias && T == 1) ? 1.0 : 0.0);
+        // acc += sum over the T x T sub-block of each sample pair, + (sum_t d).(sum_s d).
+        acc.add_(bA.mul_(bD).view({ti, T, tj, T}).sum({1, 3}));
+        if (L.bias) acc.addmm_(L.Dsum.narrow(0, i0, ti), L.Dsum.narrow(0, j0, tj).t());
       }
     }
   }
