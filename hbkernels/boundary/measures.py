@@ -1,0 +1,1071 @@
+"""The paper's measures: alignment, the threshold eps, G, trace, lambda_max, norms, outliers.
+
+Conventions (paper Eqs. 1, 2, 6; reference_setup.md sections 4-6):
+
+* The Hessian is that of the mean training loss with the training labels.
+* Per-sample gradients ``g(x)`` use the model's own prediction as the label ("reinforcing"
+  gradients) unless said otherwise; the alignment ``A_i(x) = <g(x), v_i> / (|g(x)| |v_i|)`` is a
+  signed cosine (a zero gradient gives 0).
+* The threshold ``eps`` is the mean, over ``num_directions`` (5) random unit Gaussian directions
+  ``r``, of ``max_s |cos(g(x_s), r)|`` over the training points (seeded; default seed 42).
+* ``G`` counts the Hessian eigenvectors with a non-zero alignment with the training gradients,
+  divided by ``p``. ``rule="max"`` (default) marks ``v_i`` when ``max_s |A_i(x_s)| >= eps`` (what
+  the reference code and its Table 1 use); ``rule="mean"`` marks it when
+  ``mean_s |A_i(x_s)| > eps`` (the paper's Eq. 6). Over the full exact spectrum ``G`` is exact;
+  over a top-k part it is a lower bound (the count can only grow with more eigenvectors) and is
+  labelled so.
+* Outliers (stated rule, :func:`count_outliers`): scan the eigenvalues upward from the median;
+  the bulk ends at the first gap between consecutive eigenvalues larger than
+  ``gap_fraction * (lambda_max - lambda_min)`` (default 5 %); the eigenvalues above that gap are
+  the outliers. This is the "isolated bars right of the bulk" of a linear-scale histogram.
+* A collapsed Hessian (trace at round-off level, or every training gradient zero so that
+  ``eps = 0``) makes ``G`` meaningless: :func:`analyze` then reports ``collapsed=True`` and
+  ``G=None`` with the reason, instead of a number.
+
+Every result object has ``to_dict()`` (JSON-serialisable) and ``save(path)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hbkernels as hbk
+
+from ..params import flatten_params, num_params
+
+__all__ = [
+    "to_jsonable",
+    "JsonResult",
+    "loss_fn_for",
+    "as_dtype_model",
+    "parameter_norm",
+    "gradient_alignment",
+    "make_grid",
+    "plane_grid",
+    "predict",
+    "GridAlignment",
+    "grid_alignment",
+    "boundary_mask",
+    "boundary_peak_report",
+    "random_directions",
+    "threshold_from_alignments",
+    "Threshold",
+    "random_direction_threshold",
+    "GMeasure",
+    "generalization_measure",
+    "Outliers",
+    "count_outliers",
+    "Spectrum",
+    "compute_spectrum",
+    "Analysis",
+    "analyze",
+    "class_spectra",
+    "reparameterize",
+    "ReparamReport",
+    "reparameterization_report",
+    "CovarianceOverlap",
+    "covariance_overlaps",
+]
+
+RULES = ("max", "mean")
+
+
+# ----------------------------------------------------------------------------- JSON helpers
+def to_jsonable(obj: Any) -> Any:
+    """Convert tensors, numpy values, dataclasses and paths into plain JSON types.
+
+    Non-finite floats become None (JSON has no NaN/inf).
+    """
+    if isinstance(obj, torch.Tensor):
+        return to_jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.dtype):
+        return str(obj).replace("torch.", "")
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):
+        return to_jsonable(obj.to_dict())
+    return obj
+
+
+class JsonResult:
+    """Mixin: ``save(path)`` writes ``to_dict()`` as JSON."""
+
+    def to_dict(self) -> dict:  # pragma: no cover - every subclass overrides
+        raise NotImplementedError
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``to_dict()`` to ``path`` as indented JSON; returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(to_jsonable(self.to_dict()), indent=2))
+        return path
+
+
+# ----------------------------------------------------------------------------- small helpers
+def loss_fn_for(loss: str | Callable) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The mean training loss ``loss_fn(outputs, targets)`` for a name or a callable.
+
+    Args:
+        loss: ``"ce"``, ``"nll"``, ``"mse"`` (one-hot targets) or a callable returning the mean
+            loss.
+    """
+    if callable(loss):
+        return loss
+    try:
+        from .training import loss_function
+    except ImportError:  # the training module lands in parallel (issue 5 items 1-3)
+        _loss_name(loss)
+        return {"ce": F.cross_entropy, "nll": F.nll_loss,
+                "mse": lambda o, t: F.mse_loss(o, F.one_hot(t, o.shape[-1]).to(o.dtype))}[loss]
+    return loss_function(loss)
+
+
+def _loss_name(loss: str | Callable) -> str:
+    if isinstance(loss, str):
+        if loss not in ("ce", "nll", "mse"):
+            raise ValueError(f"hbk.boundary.measures: expected loss 'ce', 'nll' or 'mse', got {loss!r}")
+        return loss
+    return "ce"
+
+
+def as_dtype_model(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """``model`` itself when it already has ``dtype`` (or dtype is None), else a converted copy."""
+    if dtype is None:
+        return model
+    first = next(iter(model.parameters()), None)
+    if first is not None and first.dtype == dtype:
+        return model
+    return copy.deepcopy(model).to(dtype)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    first = next(iter(model.parameters()), None)
+    return torch.get_default_dtype() if first is None else first.dtype
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    first = next(iter(model.parameters()), None)
+    return torch.device("cpu") if first is None else first.device
+
+
+def parameter_norm(model: nn.Module) -> float:
+    """Global L2 norm of all trainable parameters (``model_l2_norm`` of the reference)."""
+    return float(flatten_params(model).double().norm())
+
+
+@torch.no_grad()
+def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
+    """Predicted classes ``argmax f(x)`` for ``inputs`` ``(n, ...)``; returns ``(n,)`` int64."""
+    dtype, device = _model_dtype(model), _model_device(model)
+    out = []
+    for i in range(0, inputs.shape[0], batch_size):
+        xb = inputs[i : i + batch_size].to(device=device, dtype=dtype)
+        out.append(model(xb).argmax(dim=-1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def gradient_alignment(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    vectors: torch.Tensor,
+    *,
+    labels: str | torch.Tensor = "pred",
+    targets: torch.Tensor | None = None,
+    loss: str = "ce",
+    batch_size: int = 4096,
+    quiet: bool = True,
+) -> torch.Tensor:
+    """Cosine alignment of per-sample loss gradients with vectors, in input chunks.
+
+    A thin chunking/progress layer over :func:`hbkernels.gradient_alignment`, which never forms
+    the ``(n, p)`` gradient matrix.
+
+    Args:
+        model: the classifier.
+        inputs: ``(n, *input_shape)``; cast to the model's dtype.
+        vectors: ``(p, k)`` in ``model.parameters()`` order (cast to the model's dtype).
+        labels: ``"pred"`` (the model's prediction, the paper's Eq. 1), ``"true"`` (then
+            ``targets`` is required) or an ``(n,)`` label tensor.
+        targets: ``(n,)`` true labels for ``labels="true"``.
+        loss: ``"ce"``, ``"nll"`` or ``"mse"``.
+        batch_size: inputs per call.
+        quiet: no progress bar.
+
+    Returns:
+        ``(n, k)`` signed cosines; zero gradients give 0.
+    """
+    fn = "hbk.boundary.gradient_alignment"
+    p = num_params(model)
+    if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2 or vectors.shape[0] != p:
+        got = tuple(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__
+        raise ValueError(f"{fn}: expected vectors of shape ({p}, k), got {got}")
+    dtype, device = _model_dtype(model), _model_device(model)
+    vectors = vectors.to(device=device, dtype=dtype)
+    n = inputs.shape[0]
+    if isinstance(labels, torch.Tensor) and labels.shape[0] != n:
+        raise ValueError(f"{fn}: expected labels of shape ({n},), got {tuple(labels.shape)}")
+    if isinstance(labels, str) and labels == "true":
+        if targets is None or targets.shape[0] != n:
+            raise ValueError(f"{fn}: expected targets of shape ({n},) with labels='true', got {targets}")
+    chunks = range(0, n, batch_size)
+    if not quiet and len(chunks) > 1:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="alignment", unit="chunk", leave=False)
+    out = []
+    for i in chunks:
+        xb = inputs[i : i + batch_size].to(device=device, dtype=dtype)
+        kw: dict[str, Any] = {"loss": loss}
+        if isinstance(labels, torch.Tensor):
+            kw["labels"] = labels[i : i + batch_size].to(device)
+        else:
+            kw["labels"] = labels
+            if labels == "true":
+                kw["targets"] = targets[i : i + batch_size].to(device)
+        out.append(hbk.gradient_alignment(model, xb, vectors, **kw).detach().cpu())
+    if not out:
+        return torch.zeros(0, vectors.shape[1], dtype=dtype)
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- grids
+def make_grid(
+    extent: Sequence[float], resolution: int | tuple[int, int] = 100, dtype=torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A regular 2-D grid over ``extent = (xmin, xmax, ymin, ymax)``.
+
+    Args:
+        extent: the plot box.
+        resolution: points per axis, or ``(nx, ny)``.
+        dtype: dtype of the outputs.
+
+    Returns:
+        ``xs (nx,)``, ``ys (ny,)`` and ``points (ny * nx, 2)`` flattened row-major (x fastest),
+        so ``values.reshape(ny, nx)`` puts ``y`` on rows.
+    """
+    if len(extent) != 4 or not (extent[0] < extent[1] and extent[2] < extent[3]):
+        raise ValueError(f"hbk.boundary.make_grid: expected extent (xmin < xmax, ymin < ymax), got {extent}")
+    nx, ny = (resolution, resolution) if isinstance(resolution, int) else resolution
+    if nx < 2 or ny < 2:
+        raise ValueError(f"hbk.boundary.make_grid: expected at least 2 points per axis, got {(nx, ny)}")
+    xs = torch.linspace(extent[0], extent[1], nx, dtype=torch.float64)
+    ys = torch.linspace(extent[2], extent[3], ny, dtype=torch.float64)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    points = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
+    return xs.to(dtype), ys.to(dtype), points.to(dtype)
+
+
+def plane_grid(
+    x0: torch.Tensor,
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    resolution: int = 60,
+    span: tuple[float, float] = (-0.5, 1.5),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Points on the 2-D plane through three inputs: ``x0 + a (x1 - x0) + b (x2 - x0)``.
+
+    Args:
+        x0, x1, x2: inputs of any (equal) shape ``input_shape``.
+        resolution: points per axis.
+        span: range of ``a`` and ``b`` (``(0, 1)`` spans the three inputs).
+
+    Returns:
+        ``a (r,)``, ``b (r,)``, ``points (r * r, *input_shape)`` row-major (``a`` fastest).
+    """
+    if x0.shape != x1.shape or x0.shape != x2.shape:
+        raise ValueError(
+            "hbk.boundary.plane_grid: expected three inputs of equal shape, got "
+            f"{tuple(x0.shape)}, {tuple(x1.shape)}, {tuple(x2.shape)}"
+        )
+    a = torch.linspace(span[0], span[1], resolution, dtype=torch.float64)
+    bb, aa = torch.meshgrid(a, a, indexing="ij")
+    x0d, d1, d2 = x0.double(), (x1 - x0).double(), (x2 - x0).double()
+    pts = x0d + aa.reshape(-1, *([1] * x0.dim())) * d1 + bb.reshape(-1, *([1] * x0.dim())) * d2
+    return a.to(x0.dtype), a.to(x0.dtype), pts.to(x0.dtype)
+
+
+@dataclass
+class GridAlignment(JsonResult):
+    """Alignment maps of a 2-D grid (or plane) with k vectors.
+
+    Attributes:
+        xs: ``(nx,)`` first-axis coordinates.
+        ys: ``(ny,)`` second-axis coordinates.
+        pred: ``(ny, nx)`` predicted class at each grid point.
+        maps: ``(k, ny, nx)`` signed cosine alignment with each vector.
+    """
+
+    xs: torch.Tensor
+    ys: torch.Tensor
+    pred: torch.Tensor
+    maps: torch.Tensor
+
+    @property
+    def extent(self) -> tuple[float, float, float, float]:
+        return (float(self.xs[0]), float(self.xs[-1]), float(self.ys[0]), float(self.ys[-1]))
+
+    def to_dict(self) -> dict:
+        return {"xs": self.xs, "ys": self.ys, "pred": self.pred, "maps": self.maps}
+
+
+def grid_alignment(
+    model: nn.Module,
+    vectors: torch.Tensor,
+    extent: Sequence[float],
+    resolution: int = 100,
+    *,
+    loss: str = "ce",
+    quiet: bool = True,
+) -> GridAlignment:
+    """Predicted classes and alignment maps of a 2-D input grid with ``vectors``.
+
+    Args:
+        model: a classifier on 2-D inputs.
+        vectors: ``(p, k)`` (e.g. the top-k Hessian eigenvectors).
+        extent: ``(xmin, xmax, ymin, ymax)``.
+        resolution: points per axis (the reference uses 100).
+        loss: per-sample loss of the gradients (predicted labels).
+        quiet: no progress bar.
+
+    Returns:
+        :class:`GridAlignment` with maps ``(k, resolution, resolution)``.
+    """
+    xs, ys, pts = make_grid(extent, resolution, dtype=_model_dtype(model))
+    pred = predict(model, pts).reshape(len(ys), len(xs))
+    a = gradient_alignment(model, pts, vectors, labels="pred", loss=loss, quiet=quiet)
+    maps = a.T.reshape(-1, len(ys), len(xs))
+    return GridAlignment(xs=xs, ys=ys, pred=pred, maps=maps)
+
+
+def boundary_mask(pred: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Decision-boundary pixels of a predicted-class image (the reference's Sobel rule).
+
+    Sobel-filter the class image along each axis and keep the pixels where either
+    ``|sobel| >= max|sobel| / 5``.
+
+    Args:
+        pred: ``(ny, nx)`` predicted classes.
+
+    Returns:
+        ``(ny, nx)`` bool mask (all False for a constant image).
+    """
+    from scipy import ndimage
+
+    img = np.asarray(pred, dtype=np.float64)
+    sx = np.abs(ndimage.sobel(img, axis=-1))
+    sy = np.abs(ndimage.sobel(img, axis=0))
+    mask = np.zeros(img.shape, dtype=bool)
+    for s in (sx, sy):
+        if s.max() > 0:
+            mask |= s >= s.max() / 5
+    return mask
+
+
+def boundary_peak_report(grid: GridAlignment) -> dict:
+    """How strongly each alignment map peaks on the decision boundary.
+
+    For each map ``i``: the mean ``|A_i|`` on boundary pixels and elsewhere (their ratio > 1
+    means the map is concentrated on the boundary), the fraction of the top-1 % ``|A_i|``
+    pixels that lie within two pixels of the boundary, and the distance (input units) from the
+    ``argmax |A_i|`` pixel to the nearest boundary pixel.
+
+    Returns:
+        ``{"per_vector": [...], "boundary_fraction": float}`` (JSON-serialisable).
+    """
+    from scipy import ndimage
+
+    mask = boundary_mask(grid.pred)
+    xs, ys = grid.xs.double().numpy(), grid.ys.double().numpy()
+    near = ndimage.binary_dilation(mask, iterations=2) if mask.any() else mask
+    out = []
+    if mask.any():
+        by, bx = np.nonzero(mask)
+        bpts = np.stack([xs[bx], ys[by]], axis=1)
+    for i, m in enumerate(grid.maps.abs().double().numpy()):
+        rec: dict[str, Any] = {"index": i + 1, "max_abs": float(m.max())}
+        if mask.any() and (~mask).any():
+            on, off = float(m[mask].mean()), float(m[~mask].mean())
+            rec.update(mean_abs_on_boundary=on, mean_abs_off_boundary=off,
+                       ratio=on / off if off > 0 else None)
+            q = np.quantile(m, 0.99)
+            top = m >= q
+            rec["top1pct_near_boundary"] = float((top & near).sum() / max(top.sum(), 1))
+            iy, ix = np.unravel_index(int(np.argmax(m)), m.shape)
+            rec["argmax_distance"] = float(np.min(np.hypot(bpts[:, 0] - xs[ix], bpts[:, 1] - ys[iy])))
+        out.append(rec)
+    return {"per_vector": out, "boundary_fraction": float(mask.mean())}
+
+
+# ----------------------------------------------------------------------------- threshold, G
+def random_directions(
+    p: int, num: int = 5, seed: int = 42, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """``num`` random unit Gaussian directions in parameter space, seeded.
+
+    Returns:
+        ``(p, num)`` with unit-norm columns (drawn in float64, then cast).
+    """
+    if p < 1 or num < 1:
+        raise ValueError(f"hbk.boundary.random_directions: expected p >= 1 and num >= 1, got {p}, {num}")
+    gen = torch.Generator().manual_seed(int(seed))
+    r = torch.randn(p, num, generator=gen, dtype=torch.float64)
+    return (r / r.norm(dim=0, keepdim=True)).to(dtype)
+
+
+def threshold_from_alignments(alignments: torch.Tensor) -> torch.Tensor:
+    """``eps`` parts from the ``(n, r)`` alignments with ``r`` random directions.
+
+    Returns:
+        ``(r,)``: ``max_s |A_r(x_s)|`` per direction; ``eps`` is their mean.
+    """
+    if alignments.dim() != 2 or alignments.shape[0] == 0 or alignments.shape[1] == 0:
+        raise ValueError(
+            "hbk.boundary.threshold_from_alignments: expected a non-empty (n, r) matrix, "
+            f"got shape {tuple(alignments.shape)}"
+        )
+    return alignments.abs().amax(dim=0)
+
+
+@dataclass
+class Threshold(JsonResult):
+    """The random-direction threshold ``eps`` (mean of ``per_direction``)."""
+
+    eps: float
+    per_direction: list[float]
+    num_directions: int
+    seed: int
+
+    @property
+    def min(self) -> float:
+        return min(self.per_direction)
+
+    def to_dict(self) -> dict:
+        return {"eps": self.eps, "eps_min": self.min, "per_direction": self.per_direction,
+                "num_directions": self.num_directions, "seed": self.seed}
+
+
+def random_direction_threshold(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    *,
+    num_directions: int = 5,
+    seed: int = 42,
+    labels: str | torch.Tensor = "pred",
+    targets: torch.Tensor | None = None,
+    loss: str = "ce",
+) -> Threshold:
+    """``eps = mean_r max_s |cos(g(x_s), r)|`` over seeded random unit Gaussian directions.
+
+    Args:
+        model: the classifier.
+        inputs: ``(n, ...)`` training inputs.
+        num_directions: number of random directions (reference: 5).
+        seed: seed of the directions (reference: 42, with numpy's RandomState; here torch's
+            generator, so the directions differ from the reference's but have the same law).
+        labels, targets, loss: as in :func:`gradient_alignment`.
+
+    Returns:
+        :class:`Threshold`.
+    """
+    r = random_directions(num_params(model), num_directions, seed, dtype=_model_dtype(model))
+    a = gradient_alignment(model, inputs, r, labels=labels, targets=targets, loss=loss)
+    per = threshold_from_alignments(a).double()
+    return Threshold(eps=float(per.mean()), per_direction=[float(v) for v in per],
+                     num_directions=num_directions, seed=seed)
+
+
+@dataclass
+class GMeasure(JsonResult):
+    """The generalization measure ``G = count / total``.
+
+    Attributes:
+        value: ``count / total``.
+        count: eigenvectors marked as aligned.
+        total: ``p`` (the denominator).
+        num_vectors: eigenvectors examined (``k <= p``).
+        rule: ``"max"`` or ``"mean"``.
+        eps: threshold used.
+        lower_bound: True when only the top ``k < p`` eigenvectors were examined.
+    """
+
+    value: float
+    count: int
+    total: int
+    num_vectors: int
+    rule: str
+    eps: float
+    lower_bound: bool
+
+    def to_dict(self) -> dict:
+        return {"G": self.value, "count": self.count, "total": self.total,
+                "num_vectors": self.num_vectors, "rule": self.rule, "eps": self.eps,
+                "lower_bound": self.lower_bound}
+
+
+def generalization_measure(
+    alignments: torch.Tensor, eps: float, *, rule: str = "max", num_params: int | None = None
+) -> GMeasure:
+    """``G`` from the ``(n, k)`` alignments of the training gradients with ``k`` eigenvectors.
+
+    ``rule="max"``: ``#{i : max_s |A_i(x_s)| >= eps} / p`` (reference code, Table 1).
+    ``rule="mean"``: ``#{i : mean_s |A_i(x_s)| > eps} / p`` (paper Eq. 6).
+
+    Args:
+        alignments: ``(n, k)``.
+        eps: the threshold (:func:`random_direction_threshold`).
+        rule: ``"max"`` or ``"mean"``.
+        num_params: ``p``; default ``k`` (full spectrum). With ``k < p`` the value is a lower
+            bound and is labelled so.
+
+    Returns:
+        :class:`GMeasure`.
+    """
+    fn = "hbk.boundary.generalization_measure"
+    if rule not in RULES:
+        raise ValueError(f"{fn}: expected rule 'max' or 'mean', got {rule!r}")
+    if alignments.dim() != 2 or alignments.shape[0] == 0:
+        raise ValueError(f"{fn}: expected a non-empty (n, k) matrix, got shape {tuple(alignments.shape)}")
+    if not math.isfinite(float(eps)) or eps < 0:
+        raise ValueError(f"{fn}: expected a finite eps >= 0, got {eps}")
+    k = alignments.shape[1]
+    total = k if num_params is None else int(num_params)
+    if total < k:
+        raise ValueError(f"{fn}: expected num_params >= k = {k}, got {total}")
+    a = alignments.abs().double()
+    if rule == "max":
+        count = int((a.amax(dim=0) >= eps).sum())
+    else:
+        count = int((a.mean(dim=0) > eps).sum())
+    return GMeasure(value=count / total, count=count, total=total, num_vectors=k, rule=rule,
+                    eps=float(eps), lower_bound=k < total)
+
+
+# ----------------------------------------------------------------------------- outliers
+@dataclass
+class Outliers(JsonResult):
+    """Spectrum outliers by the gap rule (see the module docstring)."""
+
+    count: int
+    bulk_edge: float
+    gap_threshold: float
+    gap_fraction: float
+    outlier_values: list[float]
+
+    def to_dict(self) -> dict:
+        return {"count": self.count, "bulk_edge": self.bulk_edge,
+                "gap_threshold": self.gap_threshold, "gap_fraction": self.gap_fraction,
+                "outlier_values": self.outlier_values, "rule": "first gap above the median "
+                "larger than gap_fraction * (lambda_max - lambda_min)"}
+
+
+def count_outliers(eigenvalues: torch.Tensor | np.ndarray, *, gap_fraction: float = 0.05) -> Outliers:
+    """Number of spectrum outliers: eigenvalues above the first large gap above the bulk.
+
+    Rule: sort ascending; starting at the median eigenvalue, scan upward; the bulk ends at the
+    first eigenvalue whose distance to the next one exceeds
+    ``gap_fraction * (lambda_max - lambda_min)``. All eigenvalues above that gap are outliers.
+    With a top-k part of the spectrum (a Lanczos result), the missing bulk sits below the
+    smallest computed value; the scan then starts at the smallest computed eigenvalue.
+
+    Args:
+        eigenvalues: ``(m,)`` in any order.
+        gap_fraction: gap relative to the spectral range (default 0.05: 1/20 of the range,
+            i.e. an empty stretch of 10 bins in the reference's 200-bin histograms).
+
+    Returns:
+        :class:`Outliers`.
+    """
+    if not 0 < gap_fraction < 1:
+        raise ValueError(f"hbk.boundary.count_outliers: expected 0 < gap_fraction < 1, got {gap_fraction}")
+    ev = np.sort(np.asarray(torch.as_tensor(eigenvalues).double().cpu(), dtype=np.float64))
+    if ev.size == 0 or not np.all(np.isfinite(ev)):
+        raise ValueError("hbk.boundary.count_outliers: expected non-empty finite eigenvalues")
+    span = float(ev[-1] - ev[0])
+    thr = gap_fraction * span
+    if span <= 0:
+        return Outliers(0, float(ev[-1]), thr, gap_fraction, [])
+    start = (ev.size - 1) // 2
+    gaps = np.diff(ev[start:])
+    big = np.nonzero(gaps > thr)[0]
+    if big.size == 0:
+        return Outliers(0, float(ev[-1]), thr, gap_fraction, [])
+    edge = start + int(big[0])
+    outl = ev[edge + 1 :][::-1]
+    return Outliers(int(outl.size), float(ev[edge]), thr, gap_fraction, [float(v) for v in outl])
+
+
+# ----------------------------------------------------------------------------- spectra
+@dataclass
+class Spectrum(JsonResult):
+    """Hessian eigenpairs of a training loss.
+
+    Attributes:
+        eigenvalues: ``(m,)`` descending (float64); ``m = p`` when exact.
+        eigenvectors: ``(p, m)`` columns in ``model.parameters()`` order, or None.
+        num_params: ``p``.
+        exact: True for the full dense spectrum.
+        method: ``"exact"`` or ``"lanczos"``.
+        seconds: wall time.
+        trace: ``sum(eigenvalues)`` when exact, else a Hutchinson estimate (or None).
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor | None
+    num_params: int
+    exact: bool
+    method: str
+    seconds: float
+    trace: float | None = None
+    converged: list[bool] | None = None
+
+    @property
+    def lambda_max(self) -> float:
+        return float(self.eigenvalues[0])
+
+    def top(self, k: int) -> torch.Tensor:
+        """The top-``k`` eigenvectors ``(p, k)``."""
+        if self.eigenvectors is None:
+            raise ValueError("hbk.boundary.Spectrum.top: expected stored eigenvectors, got None")
+        return self.eigenvectors[:, : min(k, self.eigenvectors.shape[1])]
+
+    def to_dict(self) -> dict:
+        return {"num_params": self.num_params, "exact": self.exact, "method": self.method,
+                "seconds": self.seconds, "trace": self.trace, "lambda_max": self.lambda_max,
+                "num_eigenvalues": int(self.eigenvalues.numel()),
+                "top_eigenvalues": self.eigenvalues[:25], "converged": self.converged}
+
+
+def _data_as(data: tuple[torch.Tensor, torch.Tensor], model: nn.Module):
+    X, y = data
+    return X.to(device=_model_device(model), dtype=_model_dtype(model)), y.to(_model_device(model))
+
+
+def compute_spectrum(
+    model: nn.Module,
+    data: tuple[torch.Tensor, torch.Tensor],
+    *,
+    loss: str | Callable = "ce",
+    k: int | None = None,
+    max_exact_params: int = 5000,
+    dtype: torch.dtype | None = torch.float64,
+    tol: float = 1e-8,
+    trace_samples: int = 100,
+    seed: int = 0,
+) -> Spectrum:
+    """Hessian spectrum of the mean training loss: exact when ``p <= max_exact_params``.
+
+    Args:
+        model: the classifier (converted to ``dtype`` in a copy).
+        data: ``(X, y)`` training inputs and labels.
+        loss: loss name or callable ``loss_fn(outputs, targets)`` (mean).
+        k: eigenpairs for the Lanczos path (default ``min(p, 100)``); the exact path keeps all.
+        max_exact_params: largest ``p`` for the dense path (``O(p^3)`` eigh, ``p^2`` memory).
+        dtype: dtype of the Hessian (float64 by default; None keeps the model's).
+        tol: Lanczos tolerance.
+        trace_samples: Hutchinson samples for the trace on the Lanczos path.
+        seed: seed of the trace estimate.
+
+    Returns:
+        :class:`Spectrum` (eigenvalues descending).
+    """
+    m = as_dtype_model(model, dtype)
+    loss_fn = loss_fn_for(loss)
+    X, y = _data_as(data, m)
+    p = num_params(m)
+    t0 = time.perf_counter()
+    if p <= max_exact_params:
+        evals, evecs = hbk.hessian_spectrum(m, loss_fn, (X, y), dtype=_model_dtype(m))
+        evals, evecs = evals.double(), evecs
+        if not torch.isfinite(evals).all():
+            raise ValueError("hbk.boundary.compute_spectrum: expected finite eigenvalues, got NaN/inf")
+        return Spectrum(evals, evecs, p, True, "exact", time.perf_counter() - t0,
+                        trace=float(evals.sum()))
+    kk = min(p, k or 100)
+    res = hbk.hessian_eigs(m, loss_fn, (X, y), kk, which="LA", tol=tol)
+    trace = None
+    try:
+        op = hbk.HessianOperator(m, loss_fn, (X, y))
+        tr = hbk.hessian_trace(op, num_samples=trace_samples, seed=seed)
+        trace = float(getattr(tr, "trace", tr))
+    except TypeError:
+        trace = None
+    return Spectrum(res.eigenvalues.double(), res.eigenvectors, p, False, "lanczos",
+                    time.perf_counter() - t0, trace=trace,
+                    converged=[bool(c) for c in torch.as_tensor(res.converged).reshape(-1)])
+
+
+# ----------------------------------------------------------------------------- full analysis
+@dataclass
+class Analysis(JsonResult):
+    """Every scalar measure of one model at one minimum (JSON via ``to_dict``).
+
+    ``G`` is the value under ``rule`` (None when the Hessian collapsed); ``G_max`` and
+    ``G_mean`` are both rules. ``alignments`` (``(n, k_keep)`` training alignments with the top
+    eigenvectors) and ``spectrum`` are kept for figures but left out of ``to_dict``.
+    """
+
+    num_params: int
+    exact: bool
+    G: float | None
+    G_rule: str
+    G_max: GMeasure | None
+    G_mean: GMeasure | None
+    G_lower_bound: bool
+    eps: Threshold
+    trace: float | None
+    lambda_max: float
+    param_norm: float
+    outliers: Outliers
+    collapsed: bool
+    collapse_reason: str | None
+    zero_grad_fraction: float
+    seconds: dict
+    spectrum: Spectrum = field(repr=False)
+    alignments: torch.Tensor = field(repr=False)
+    labels: torch.Tensor = field(repr=False)
+
+    def to_dict(self) -> dict:
+        return {
+            "num_params": self.num_params, "exact": self.exact, "G": self.G,
+            "G_rule": self.G_rule, "G_lower_bound": self.G_lower_bound,
+            "G_max": None if self.G_max is None else self.G_max.to_dict(),
+            "G_mean": None if self.G_mean is None else self.G_mean.to_dict(),
+            "eps": self.eps.eps, "eps_detail": self.eps.to_dict(), "trace": self.trace,
+            "lambda_max": self.lambda_max, "param_norm": self.param_norm,
+            "num_outliers": self.outliers.count, "outliers": self.outliers.to_dict(),
+            "collapsed": self.collapsed, "collapse_reason": self.collapse_reason,
+            "zero_grad_fraction": self.zero_grad_fraction, "seconds": self.seconds,
+            "top_eigenvalues": self.spectrum.eigenvalues[:25],
+            "spectrum_method": self.spectrum.method,
+        }
+
+
+def analyze(
+    model: nn.Module,
+    data: tuple[torch.Tensor, torch.Tensor],
+    *,
+    loss: str = "ce",
+    rule: str = "max",
+    num_directions: int = 5,
+    eps_seed: int = 42,
+    max_exact_params: int = 5000,
+    k: int | None = None,
+    keep: int = 25,
+    dtype: torch.dtype | None = torch.float64,
+    min_trace: float = 1e-7,
+    spectrum: Spectrum | None = None,
+    quiet: bool = True,
+) -> Analysis:
+    """Hessian spectrum, eps, G (both rules), trace, lambda_max, norm and outliers of a model.
+
+    Args:
+        model: a trained classifier (analysed in a ``dtype`` copy).
+        data: ``(X_train, y_train)``; the Hessian uses these labels, the alignments the
+            model's predictions.
+        loss: ``"ce"``, ``"nll"`` or ``"mse"`` (Hessian loss and per-sample loss).
+        rule: the rule reported as ``G`` (``"max"`` default, or ``"mean"``).
+        num_directions, eps_seed: the threshold's random directions.
+        max_exact_params: the dense spectrum up to this ``p``; above it the top-``k``
+            Lanczos part and a lower-bound ``G``.
+        k: Lanczos eigenpairs (default ``min(p, 100)``).
+        keep: training alignments kept for figures (top ``keep`` eigenvectors).
+        dtype: analysis dtype (float64 by default: a collapsed float32 Hessian is round-off).
+        min_trace: a trace at or below this is a collapsed Hessian.
+        spectrum: a precomputed :class:`Spectrum` of the same model and data (skips the eigh).
+        quiet: no progress bars.
+
+    Returns:
+        :class:`Analysis`.
+    """
+    if rule not in RULES:
+        raise ValueError(f"hbk.boundary.analyze: expected rule 'max' or 'mean', got {rule!r}")
+    loss_name = _loss_name(loss)
+    m = as_dtype_model(model, dtype)
+    X, y = _data_as(data, m)
+    secs: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if spectrum is None:
+        spectrum = compute_spectrum(m, (X, y), loss=loss, k=k, max_exact_params=max_exact_params,
+                                    dtype=None)
+    secs["spectrum"] = spectrum.seconds
+    t1 = time.perf_counter()
+    eps = random_direction_threshold(m, X, num_directions=num_directions, seed=eps_seed,
+                                     loss=loss_name)
+    secs["threshold"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    vecs = spectrum.eigenvectors
+    a_all = gradient_alignment(m, X, vecs, labels="pred", loss=loss_name, quiet=quiet)
+    secs["alignment"] = time.perf_counter() - t2
+    norms = hbk.gradient_norms(m, X, labels="pred", loss=loss_name)
+    zero_frac = float((norms == 0).double().mean())
+    trace = spectrum.trace
+    reason = None
+    if not math.isfinite(eps.eps) or eps.eps <= 0:
+        reason = f"every training gradient is zero (eps = {eps.eps})"
+    elif trace is not None and trace <= min_trace:
+        reason = f"Hessian trace {trace:.3g} <= {min_trace:.3g}: the minimum is numerically flat"
+    elif zero_frac > 0.5:
+        reason = f"{zero_frac:.0%} of the training gradients are exactly zero"
+    collapsed = reason is not None
+    gmax = gmean = None
+    if not collapsed:
+        gmax = generalization_measure(a_all, eps.eps, rule="max", num_params=spectrum.num_params)
+        gmean = generalization_measure(a_all, eps.eps, rule="mean", num_params=spectrum.num_params)
+    chosen = gmax if rule == "max" else gmean
+    secs["total"] = time.perf_counter() - t0
+    return Analysis(
+        num_params=spectrum.num_params, exact=spectrum.exact,
+        G=None if chosen is None else chosen.value, G_rule=rule,
+        G_max=gmax, G_mean=gmean, G_lower_bound=not spectrum.exact, eps=eps, trace=trace,
+        lambda_max=spectrum.lambda_max, param_norm=parameter_norm(model),
+        outliers=count_outliers(spectrum.eigenvalues), collapsed=collapsed,
+        collapse_reason=reason, zero_grad_fraction=zero_frac, seconds=secs, spectrum=spectrum,
+        alignments=a_all[:, :keep].clone(), labels=y.cpu(),
+    )
+
+
+# ----------------------------------------------------------------------------- per class
+def class_spectra(
+    model: nn.Module,
+    data: tuple[torch.Tensor, torch.Tensor],
+    *,
+    classes: Sequence[int | Sequence[int]] | None = None,
+    loss: str | Callable = "ce",
+    k: int = 5,
+    max_exact_params: int = 5000,
+    dtype: torch.dtype | None = torch.float64,
+) -> dict[str, Spectrum]:
+    """Spectra of per-class Hessians: the mean loss over the training points of a class subset.
+
+    Args:
+        model: the classifier.
+        data: ``(X, y)`` training data.
+        classes: the subsets, each a class or a list of classes (default: every class alone).
+        loss: loss name or callable (mean).
+        k: eigenpairs kept (the exact path computes all, then keeps the top ``k``).
+        max_exact_params, dtype: as in :func:`compute_spectrum`.
+
+    Returns:
+        ``{"0": Spectrum, "1": ..., "0+2": ...}`` keyed by the subset.
+    """
+    X, y = data
+    if classes is None:
+        classes = sorted(int(c) for c in torch.unique(y))
+    out = {}
+    for c in classes:
+        subset = [int(c)] if isinstance(c, (int, np.integer)) else [int(v) for v in c]
+        sel = torch.isin(y, torch.tensor(subset, dtype=y.dtype))
+        if not sel.any():
+            raise ValueError(f"hbk.boundary.class_spectra: expected training points of class {subset}, got none")
+        s = compute_spectrum(model, (X[sel], y[sel]), loss=loss, k=k,
+                             max_exact_params=max_exact_params, dtype=dtype)
+        if s.exact:
+            s = Spectrum(s.eigenvalues, s.eigenvectors[:, :k], s.num_params, True, s.method,
+                         s.seconds, s.trace)
+        out["+".join(str(v) for v in subset)] = s
+    return out
+
+
+# ----------------------------------------------------------------------------- reparameterisation
+def _linear_layers(model: nn.Module) -> list[nn.Linear]:
+    return [mod for mod in model.modules() if isinstance(mod, nn.Linear)]
+
+
+def reparameterize(model: nn.Module, alphas: Sequence[float] = (0.2, 5.0, 1.0)) -> nn.Module:
+    """The function-preserving alpha-scaling of a 3-Linear-layer ReLU net (Dinh et al.).
+
+    Scales fc1 (weight, bias) by ``a1``, fc2 weight by ``a2`` and bias by ``a1 a2``, fc3 weight
+    by ``a3`` (bias unchanged). For positive alphas with ``a1 a2 a3 = 1`` and positively
+    homogeneous activations (ReLU) the outputs are unchanged while the Hessian is not.
+
+    Args:
+        model: a model whose modules contain exactly three ``nn.Linear`` layers, applied in
+            module order (FNN_2layer).
+        alphas: ``(a1, a2, a3)``, positive, product 1 (reference: (0.2, 5.0, 1.0)).
+
+    Returns:
+        A rescaled deep copy.
+    """
+    fn = "hbk.boundary.reparameterize"
+    a1, a2, a3 = (float(a) for a in alphas)
+    if min(a1, a2, a3) <= 0 or abs(a1 * a2 * a3 - 1.0) > 1e-9:
+        raise ValueError(f"{fn}: expected three positive alphas with product 1, got {tuple(alphas)}")
+    out = copy.deepcopy(model)
+    layers = _linear_layers(out)
+    if len(layers) != 3:
+        raise ValueError(f"{fn}: expected a model with 3 nn.Linear layers (FNN_2layer), got {len(layers)}")
+    acts = [type(mod).__name__ for mod in out.modules() if not list(mod.children())
+            and not isinstance(mod, nn.Linear)]
+    if any(a in ("Sigmoid", "Tanh", "GELU", "SiLU", "ELU") for a in acts):
+        raise ValueError(f"{fn}: expected positively homogeneous activations (ReLU), got {acts}")
+    with torch.no_grad():
+        l1, l2, l3 = layers
+        l1.weight.mul_(a1)
+        if l1.bias is not None:
+            l1.bias.mul_(a1)
+        l2.weight.mul_(a2)
+        if l2.bias is not None:
+            l2.bias.mul_(a1 * a2)
+        l3.weight.mul_(a3)
+    return out
+
+
+@dataclass
+class ReparamReport(JsonResult):
+    """Invariance of the measures under the alpha-reparameterisation."""
+
+    alphas: tuple[float, float, float]
+    max_abs_output_diff: float
+    predictions_equal: bool
+    before: Analysis = field(repr=False)
+    after: Analysis = field(repr=False)
+
+    @property
+    def G_unchanged(self) -> bool:
+        if self.before.G is None or self.after.G is None:
+            return False
+        # one eigenvector's worth of tolerance
+        return abs(self.before.G - self.after.G) <= max(0.01 * self.before.G, 1 / self.before.num_params)
+
+    @property
+    def lambda_max_ratio(self) -> float:
+        return self.after.lambda_max / self.before.lambda_max if self.before.lambda_max else math.inf
+
+    def to_dict(self) -> dict:
+        return {
+            "alphas": list(self.alphas), "max_abs_output_diff": self.max_abs_output_diff,
+            "predictions_equal": self.predictions_equal,
+            "G_before": self.before.G, "G_after": self.after.G, "G_unchanged": self.G_unchanged,
+            "G_mean_before": self.before.G_mean.value if self.before.G_mean else None,
+            "G_mean_after": self.after.G_mean.value if self.after.G_mean else None,
+            "lambda_max_before": self.before.lambda_max, "lambda_max_after": self.after.lambda_max,
+            "lambda_max_ratio": self.lambda_max_ratio,
+            "trace_before": self.before.trace, "trace_after": self.after.trace,
+            "eps_before": self.before.eps.eps, "eps_after": self.after.eps.eps,
+        }
+
+
+def reparameterization_report(
+    model: nn.Module,
+    data: tuple[torch.Tensor, torch.Tensor],
+    *,
+    alphas: Sequence[float] = (0.2, 5.0, 1.0),
+    inputs: torch.Tensor | None = None,
+    **analyze_kw,
+) -> ReparamReport:
+    """Analyse a model and its alpha-reparameterisation side by side.
+
+    Args:
+        model: an FNN_2layer-like ReLU network.
+        data: ``(X_train, y_train)``.
+        alphas: the scaling (reference (0.2, 5.0, 1.0)).
+        inputs: where to compare the outputs (default the training inputs).
+        **analyze_kw: passed to :func:`analyze`.
+
+    Returns:
+        :class:`ReparamReport` (outputs/predictions unchanged, G before/after, lambda_max
+        before/after).
+    """
+    dtype = analyze_kw.get("dtype", torch.float64)
+    base = as_dtype_model(model, dtype)
+    sharp = reparameterize(base, alphas)
+    xs = (data[0] if inputs is None else inputs).to(_model_dtype(base))
+    with torch.no_grad():
+        o1, o2 = base(xs), sharp(xs)
+    diff = float((o1 - o2).abs().max()) if o1.numel() else 0.0
+    same = bool((o1.argmax(-1) == o2.argmax(-1)).all())
+    before = analyze(base, data, **analyze_kw)
+    after = analyze(sharp, data, **analyze_kw)
+    return ReparamReport(tuple(float(a) for a in alphas), diff, same, before, after)
+
+
+# ----------------------------------------------------------------------------- Appendix M
+@dataclass
+class CovarianceOverlap(JsonResult):
+    """Overlaps of the top Hessian eigenvectors with the gradient-covariance eigenvectors.
+
+    Attributes:
+        betas: ``(k,)`` ``|<v_i^H, v_i^Sigma>|`` (the paper's beta_i, unsigned: eigenvector
+            signs are arbitrary).
+        matrix: ``(k, k)`` ``|V_H^T V_Sigma|``.
+        subspace: ``(k,)`` the norm of the projection of ``v_i^H`` on span(``V_Sigma``).
+        hessian_eigenvalues, covariance_eigenvalues: ``(k,)`` each.
+    """
+
+    betas: torch.Tensor
+    matrix: torch.Tensor
+    subspace: torch.Tensor
+    hessian_eigenvalues: torch.Tensor
+    covariance_eigenvalues: torch.Tensor
+    covariance_vectors: torch.Tensor = field(repr=False)
+
+    def to_dict(self) -> dict:
+        return {"betas": self.betas, "matrix": self.matrix, "subspace": self.subspace,
+                "hessian_eigenvalues": self.hessian_eigenvalues,
+                "covariance_eigenvalues": self.covariance_eigenvalues}
+
+
+def covariance_overlaps(
+    model: nn.Module,
+    data: tuple[torch.Tensor, torch.Tensor],
+    hessian_vectors: torch.Tensor,
+    hessian_eigenvalues: torch.Tensor | None = None,
+    *,
+    labels: str = "true",
+    loss: str = "ce",
+) -> CovarianceOverlap:
+    """Compare the top-k Hessian eigenvectors with those of the gradient covariance (Eq. 7).
+
+    ``Sigma = (1/n) sum_s g(x_s) g(x_s)^T`` with true-label per-sample gradients (Eq. 7;
+    ``labels="pred"`` for predicted ones), eigenpairs via :func:`hbkernels.gradient_covariance_eigs`.
+
+    Args:
+        model: the classifier (same dtype as the vectors).
+        data: ``(X, y)`` training data.
+        hessian_vectors: ``(p, k)`` top Hessian eigenvectors (unit columns).
+        hessian_eigenvalues: ``(k,)``, stored for the report.
+        labels: ``"true"`` or ``"pred"``.
+        loss: per-sample loss.
+
+    Returns:
+        :class:`CovarianceOverlap`.
+    """
+    X, y = data
+    m = as_dtype_model(model, hessian_vectors.dtype)
+    k = hessian_vectors.shape[1]
+    kw: dict[str, Any] = {"labels": labels, "loss": loss}
+    if labels == "true":
+        kw["targets"] = y
+    cvals, cvecs = hbk.gradient_covariance_eigs(m, X.to(hessian_vectors.dtype), k, **kw)
+    cvecs = cvecs.to(hessian_vectors.dtype)
+    mat = (hessian_vectors.T @ cvecs).abs()
+    proj = (cvecs.T @ hessian_vectors).norm(dim=0)
+    hv = hessian_eigenvalues if hessian_eigenvalues is not None else torch.full((k,), float("nan"))
+    return CovarianceOverlap(betas=mat.diagonal().clone(), matrix=mat, subspace=proj,
+                             hessian_eigenvalues=hv, covariance_eigenvalues=cvals,
+                             covariance_vectors=cvecs)
