@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import hbkernels as hbk
@@ -57,6 +56,7 @@ __all__ = [
     "predict",
     "GridAlignment",
     "grid_alignment",
+    "plane_alignment",
     "boundary_mask",
     "boundary_peak_report",
     "random_directions",
@@ -136,12 +136,8 @@ def loss_fn_for(loss: str | Callable) -> Callable[[torch.Tensor, torch.Tensor], 
     """
     if callable(loss):
         return loss
-    try:
-        from .training import loss_function
-    except ImportError:  # the training module lands in parallel (issue 5 items 1-3)
-        _loss_name(loss)
-        return {"ce": F.cross_entropy, "nll": F.nll_loss,
-                "mse": lambda o, t: F.mse_loss(o, F.one_hot(t, o.shape[-1]).to(o.dtype))}[loss]
+    from .training import loss_function
+
     return loss_function(loss)
 
 
@@ -360,6 +356,42 @@ def grid_alignment(
     a = gradient_alignment(model, pts, vectors, labels="pred", loss=loss, quiet=quiet)
     maps = a.T.reshape(-1, len(ys), len(xs))
     return GridAlignment(xs=xs, ys=ys, pred=pred, maps=maps)
+
+
+def plane_alignment(
+    model: nn.Module,
+    anchors: Sequence[torch.Tensor],
+    vectors: torch.Tensor,
+    resolution: int = 60,
+    span: tuple[float, float] = (-0.5, 1.5),
+    *,
+    loss: str = "ce",
+    quiet: bool = True,
+) -> GridAlignment:
+    """Alignment maps on the 2-D plane through three inputs (for high-dimensional data).
+
+    The plane is ``x0 + a (x1 - x0) + b (x2 - x0)``; the anchors sit at ``(a, b) = (0, 0)``,
+    ``(1, 0)`` and ``(0, 1)``.
+
+    Args:
+        model: the classifier.
+        anchors: the three inputs ``x0, x1, x2`` (each ``input_shape``).
+        vectors: ``(p, k)``.
+        resolution: points per axis.
+        span: range of ``a`` and ``b``.
+        loss: per-sample loss of the gradients (predicted labels).
+        quiet: no progress bar.
+
+    Returns:
+        :class:`GridAlignment` with ``xs = a``, ``ys = b``.
+    """
+    if len(anchors) != 3:
+        raise ValueError(f"hbk.boundary.plane_alignment: expected three anchors, got {len(anchors)}")
+    x0, x1, x2 = (a.to(_model_dtype(model)) for a in anchors)
+    a, b, pts = plane_grid(x0, x1, x2, resolution, span)
+    pred = predict(model, pts).reshape(len(b), len(a))
+    al = gradient_alignment(model, pts, vectors, labels="pred", loss=loss, quiet=quiet)
+    return GridAlignment(xs=a, ys=b, pred=pred, maps=al.T.reshape(-1, len(b), len(a)))
 
 
 def boundary_mask(pred: torch.Tensor | np.ndarray) -> np.ndarray:

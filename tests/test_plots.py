@@ -1,0 +1,89 @@
+"""Every figure of hbkernels.boundary.plots writes a non-empty PNG."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hbkernels.boundary import plots as P
+from hbkernels.boundary.margin import MarginResult
+from hbkernels.boundary.measures import GridAlignment, make_grid
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 2000
+
+
+def _grid(k=3, res=24):
+    xs, ys, pts = make_grid((-2, 2, -2, 2), res)
+    pred = (pts[:, 0] > 0).long() + (pts[:, 1] > 1).long()
+    maps = torch.stack([torch.tanh(pts[:, 0] * (i + 1)) * torch.exp(-pts[:, 1] ** 2) for i in range(k)])
+    return GridAlignment(xs, ys, pred.reshape(res, res), maps.reshape(k, res, res))
+
+
+def _data(n=30, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 2, generator=gen)
+    return X, (X[:, 0] > 0).long()
+
+
+def test_alignment_maps_png(tmp_path):
+    X, y = _data()
+    rows = [P.MapRow("normal", _grid(), [0.1, 0.02, 0.01], X, y, note="G = 0.05"),
+            P.MapRow("plane", _grid(), None, anchors=[(0, 0, "x0"), (1, 0, "x1"), (0, 1, "x2")],
+                     axis_labels=("a", "b"))]
+    _assert_png(P.plot_alignment_maps(rows, tmp_path / "maps.png", title="t"))
+    with pytest.raises(ValueError, match="at least one row"):
+        P.plot_alignment_maps([], tmp_path / "x.png")
+
+
+def test_spectra_png(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    bulk = torch.randn(500, generator=gen, dtype=torch.float64) * 1e-3
+    spectra = {"normal": torch.cat([bulk, torch.tensor([0.1, 0.03], dtype=torch.float64)]),
+               "adversarial": torch.cat([bulk, torch.tensor([0.01, 0.008, 0.005], dtype=torch.float64)])}
+    _assert_png(P.plot_spectra(spectra, tmp_path / "spec.png"))
+
+
+def test_sample_alignment_png(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    A = torch.rand(20, 25, generator=gen) * 2 - 1
+    y = torch.arange(20) % 3
+    _assert_png(P.plot_sample_alignment({"normal": (A, y, "G = 0.1"), "adversarial": (A, y, "")},
+                                        tmp_path / "samples.png"))
+
+
+def test_margin_png(tmp_path):
+    X, y = _data()
+    res = MarginResult(margin=0.5, x_b=torch.tensor([0.0, 0.1]), x_max=X[0], x_min=X[1],
+                       idx_max=0, idx_min=1, cos_max=0.9, cos_min=-0.8, dist_max=0.5,
+                       dist_min=0.7, chosen=0, restart_objective=[0.1, 0.2],
+                       restart_cos=[0.9, 0.8], restart_margin=[0.5, 0.6], settings={},
+                       seconds=0.1, x_restarts=torch.tensor([[0.0, 0.1], [0.2, 0.3]]))
+    _assert_png(P.plot_margins([("normal", _grid(), res), ("wide", _grid(), res)], X, y,
+                               tmp_path / "margin.png"))
+
+
+def test_alignment_curves_png(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    mats = [torch.rand(10, 5, generator=gen) for _ in range(4)]
+    _assert_png(P.plot_alignment_curves([0, 10, 20, 30], mats, tmp_path / "dyn.png", title="t"))
+    with pytest.raises(ValueError, match="one alignment matrix per"):
+        P.plot_alignment_curves([0, 1], mats, tmp_path / "x.png")
+
+
+def test_embedding_png(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 1, 4, 4, generator=gen)
+    y = torch.arange(40) % 3
+    emb = P.tsne_embedding(X, seed=0)
+    assert emb.shape == (40, 2) and np.isfinite(emb).all()
+    np.testing.assert_allclose(emb, P.tsne_embedding(X, seed=0))
+    A = torch.rand(40, 5, generator=gen) * 2 - 1
+    ev = torch.linspace(1, 0, 300)
+    _assert_png(P.plot_embedding_alignment([("normal", emb, y, A, ev[:5])], tmp_path / "emb.png",
+                                           spectra=[ev]))
