@@ -1,0 +1,358 @@
+"""The paper's architectures (``reference_setup.md`` section 2) with seeded initialisation.
+
+Layer names follow the reference (``fc1``, ``fc2``, ``fc3`` for ``FNN_2layer``), so the
+parameter order of ``model.parameters()`` is the reference order. Initialisation is PyTorch's
+default (``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` for weights and biases) drawn from the global
+generator re-seeded with ``seed`` inside :func:`torch.random.fork_rng`, so the caller's random
+state is untouched and the same seed gives the same model in every dtype.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from .datasets import Dataset
+
+__all__ = [
+    "MLP",
+    "FNN",
+    "FNN2Layer",
+    "CNN",
+    "LeNet5",
+    "ARCHS",
+    "make_model",
+    "default_model_for",
+    "model_spec",
+    "save_model",
+    "load_model",
+]
+
+ARCHS = ("fnn", "fnn2", "cnn", "lenet5")
+_ACTIVATIONS = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in _ACTIVATIONS:
+        raise ValueError(
+            f"hbk.make_model: expected activation in {sorted(_ACTIVATIONS)}, got {activation!r}"
+        )
+
+
+class MLP(nn.Module):
+    """Base of the fully connected nets: Linear layers with one activation between them.
+
+    Inputs of any shape ``(n, *in_shape)`` are flattened to ``(n, in_features)``. The output is
+    ``(n, C)`` logits, or log-probabilities when ``log_softmax`` is set (for the NLL loss).
+    The batched trainer (:mod:`hbkernels.boundary.training`) relies on :meth:`linears`.
+    """
+
+    def __init__(self, sizes: list[int], activation: str, log_softmax: bool) -> None:
+        super().__init__()
+        _check_activation(activation)
+        self.activation = activation
+        self.log_softmax = bool(log_softmax)
+        self.sizes = list(sizes)
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
+            setattr(self, f"fc{i}", nn.Linear(a, b))
+
+    def linears(self) -> list[nn.Linear]:
+        """The Linear layers in forward order (``fc1``, ``fc2``, ...)."""
+        return [getattr(self, f"fc{i}") for i in range(1, len(self.sizes))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(n, *in_shape)`` -> ``(n, C)``."""
+        layers = self.linears()
+        x = x.reshape(x.shape[0], -1).to(layers[0].weight.dtype)
+        act = _ACTIVATIONS[self.activation]
+        for layer in layers[:-1]:
+            x = act(layer(x))
+        x = layers[-1](x)
+        return F.log_softmax(x, dim=-1) if self.log_softmax else x
+
+
+class FNN(MLP):
+    """The reference ``FNN``: ``fc1`` Linear(in, h), activation, ``fc2`` Linear(h, C).
+
+    Intro toy: in 1, h 10, C 2 gives 42 parameters.
+    """
+
+    def __init__(self, in_features: int, hidden: int, num_classes: int,
+                 activation: str = "relu", log_softmax: bool = False) -> None:
+        super().__init__([in_features, hidden, num_classes], activation, log_softmax)
+
+
+class FNN2Layer(MLP):
+    """The reference ``FNN_2layer``: fc1 Linear(in, h1), act, fc2 Linear(h1, h2), act, fc3.
+
+    2-D input with 100/100 hidden units: C=2 gives 10,602 parameters, C=3 10,703, C=4 10,804;
+    30/30 with C=3 1,113; Iris 4-50-50-3 2,953.
+    """
+
+    def __init__(self, in_features: int, hidden: tuple[int, int], num_classes: int,
+                 activation: str = "relu", log_softmax: bool = False) -> None:
+        super().__init__([in_features, hidden[0], hidden[1], num_classes], activation, log_softmax)
+
+
+def _conv_out_features(body: nn.Module, in_shape: tuple[int, int, int]) -> int:
+    with torch.no_grad():
+        return int(body(torch.zeros(1, *in_shape)).numel())
+
+
+class CNN(nn.Module):
+    """The reference MNIST ``CNN``: Conv(c, 16, 3) ReLU MaxPool2, Conv(16, 32, 3) ReLU MaxPool2,
+    flatten, Linear(., C).
+
+    For 28x28 inputs (padding 0) the flatten size is 32x5x5 = 800 and C=3 gives 7,203
+    parameters (C=10: 12,810). Images smaller than 14 pixels (the 8x8 digits) use padding 1,
+    which keeps the same layers: 32x2x2 = 128 features, C=3 gives 5,187 parameters.
+    The input is cast to the model's dtype in ``forward``, as the reference casts to float.
+    """
+
+    def __init__(self, in_shape: tuple[int, int, int], num_classes: int,
+                 log_softmax: bool = False, padding: int | None = None) -> None:
+        super().__init__()
+        c, h, w = in_shape
+        self.padding = padding if padding is not None else (0 if min(h, w) >= 14 else 1)
+        self.in_shape = tuple(in_shape)
+        self.log_softmax = bool(log_softmax)
+        self.conv1 = nn.Conv2d(c, 16, 3, 1, self.padding)
+        self.conv2 = nn.Conv2d(16, 32, 3, 1, self.padding)
+        flat = _conv_out_features(self._features, self.in_shape)
+        if flat == 0:
+            raise ValueError(f"hbk.make_model: expected images large enough for the CNN, got "
+                             f"{tuple(in_shape)}")
+        self.fc = nn.Linear(flat, num_classes)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return x.flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(n, c, H, W)`` -> ``(n, C)``."""
+        x = self.fc(self._features(x.to(self.fc.weight.dtype)))
+        return F.log_softmax(x, dim=-1) if self.log_softmax else x
+
+
+class LeNet5(nn.Module):
+    """The reference ``LeNet5``: Conv(3, 6, 5) ReLU MaxPool2, Conv(6, 16, 5) ReLU MaxPool2,
+    flatten 400, Linear 120 ReLU, Linear 84 ReLU, Linear C. C=10 gives 62,006 parameters.
+    """
+
+    def __init__(self, in_shape: tuple[int, int, int], num_classes: int,
+                 log_softmax: bool = False) -> None:
+        super().__init__()
+        self.in_shape = tuple(in_shape)
+        self.log_softmax = bool(log_softmax)
+        self.conv1 = nn.Conv2d(in_shape[0], 6, 5)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        flat = _conv_out_features(self._features, self.in_shape)
+        if flat == 0:
+            raise ValueError(f"hbk.make_model: expected images large enough for LeNet-5, got "
+                             f"{tuple(in_shape)}")
+        self.fc1 = nn.Linear(flat, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return x.flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(n, 3, H, W)`` -> ``(n, C)``."""
+        x = self._features(x.to(self.fc1.weight.dtype))
+        x = self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+        return F.log_softmax(x, dim=-1) if self.log_softmax else x
+
+
+def _image_shape(in_features: int | tuple, default_hw: int) -> tuple[int, int, int]:
+    if isinstance(in_features, int):
+        return (in_features, default_hw, default_hw)
+    shape = tuple(int(s) for s in in_features)
+    if len(shape) != 3:
+        raise ValueError(f"hbk.make_model: expected image shape (channels, H, W), got {shape}")
+    return shape  # type: ignore[return-value]
+
+
+def make_model(
+    arch: str,
+    in_features: int | tuple,
+    num_classes: int,
+    *,
+    width: int | tuple[int, int] = 100,
+    activation: str = "relu",
+    log_softmax: bool = False,
+    seed: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """Build a reference architecture.
+
+    Args:
+        arch: ``"fnn"`` (1 hidden layer of ``width``), ``"fnn2"`` (FNN_2layer, hidden
+            ``width`` x ``width`` or a pair), ``"cnn"`` (MNIST CNN) or ``"lenet5"``.
+        in_features: input size for fnn/fnn2 (an int, or an input shape that is flattened);
+            image shape ``(c, H, W)`` for cnn/lenet5 (an int means c channels of 28x28 for cnn,
+            32x32 for lenet5).
+        num_classes: outputs C.
+        width: hidden width(s) of fnn/fnn2 (ignored by the conv nets only if left at 100).
+        activation: ``"relu"`` (reference default), ``"sigmoid"`` or ``"tanh"`` (fnn/fnn2).
+        log_softmax: end with log_softmax (pair with the NLL loss).
+        seed: seed of the default initialisation; None uses the global generator.
+        dtype: floating parameter dtype.
+
+    Returns:
+        The module, with ``model.spec`` (the arguments, JSON-serialisable) for rebuilding.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"hbk.make_model: expected arch in {ARCHS}, got {arch!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"hbk.make_model: expected a floating torch.dtype, got {dtype!r}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"hbk.make_model: expected num_classes >= 1, got {num_classes!r}")
+    _check_activation(activation)
+    if arch in ("cnn", "lenet5") and (activation != "relu" or width != 100):
+        raise ValueError(f"hbk.make_model: expected no width/activation for {arch} (fixed "
+                         f"architecture), got width={width!r}, activation={activation!r}")
+    if arch in ("fnn", "fnn2"):
+        d = int(torch.Size(in_features).numel()) if not isinstance(in_features, int) else in_features
+        if d < 1:
+            raise ValueError(f"hbk.make_model: expected in_features >= 1, got {in_features!r}")
+        if arch == "fnn" and not isinstance(width, int):
+            raise ValueError(f"hbk.make_model: expected an int width for fnn, got {width!r}")
+        hidden = (width, width) if isinstance(width, int) else tuple(int(w) for w in width)
+        if len(hidden) != 2 or min(hidden) < 1:
+            raise ValueError(f"hbk.make_model: expected a positive width or pair, got {width!r}")
+
+    def build() -> nn.Module:
+        if arch == "fnn":
+            return FNN(d, int(width), num_classes, activation, log_softmax)
+        if arch == "fnn2":
+            return FNN2Layer(d, hidden, num_classes, activation, log_softmax)  # type: ignore[arg-type]
+        if arch == "cnn":
+            return CNN(_image_shape(in_features, 28), num_classes, log_softmax)
+        return LeNet5(_image_shape(in_features, 32), num_classes, log_softmax)
+
+    if seed is None:
+        model = build()
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build()
+    model = model.to(dtype)
+    model.spec = {  # type: ignore[assignment]
+        "arch": arch,
+        "in_features": in_features if isinstance(in_features, int) else list(in_features),
+        "num_classes": num_classes,
+        "width": width if isinstance(width, int) else list(width),
+        "activation": activation,
+        "log_softmax": bool(log_softmax),
+        "seed": seed,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+    return model
+
+
+def _reference_arch(name: str) -> tuple[str, int | None]:
+    family = name.split("-")[0]
+    if family == "intro":
+        return "fnn", 10
+    if family == "iris":
+        return "fnn2", 50
+    if family in ("digits", "mnist"):
+        return "cnn", None
+    if family == "cifar":
+        return "lenet5", None
+    return "fnn2", 100
+
+
+def default_model_for(
+    dataset: Dataset,
+    width: int | tuple[int, int] | None = None,
+    *,
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+    activation: str = "relu",
+    log_softmax: bool = False,
+) -> nn.Module:
+    """The reference architecture for a dataset.
+
+    intro: fnn 1-10-2; 2-D data: fnn2 2-100-100-C; iris: fnn2 4-50-50-3; digits / MNIST: cnn;
+    CIFAR-10: lenet5.
+
+    Args:
+        dataset: a :class:`~hbkernels.boundary.datasets.Dataset`.
+        width: hidden width override for fnn/fnn2 (None: the reference width).
+        seed: initialisation seed.
+        dtype: parameter dtype (default: the dataset's).
+        activation: for fnn/fnn2.
+        log_softmax: end with log_softmax.
+
+    Returns:
+        The module.
+    """
+    arch, ref_width = _reference_arch(dataset.name)
+    if ref_width is None and width is not None:
+        raise ValueError(f"hbk.default_model_for: expected width=None for {dataset.name!r} "
+                         f"({arch} has a fixed architecture), got {width!r}")
+    shape = dataset.input_shape
+    in_features: int | tuple = shape if arch in ("cnn", "lenet5") else int(torch.Size(shape).numel())
+    kwargs: dict[str, Any] = {"seed": seed, "dtype": dtype or dataset.dtype,
+                              "log_softmax": log_softmax}
+    if ref_width is not None:
+        kwargs.update(width=width if width is not None else ref_width, activation=activation)
+    return make_model(arch, in_features, dataset.num_classes, **kwargs)
+
+
+def model_spec(model: nn.Module) -> dict[str, Any]:
+    """The :func:`make_model` arguments of a model built by it (a copy)."""
+    spec = getattr(model, "spec", None)
+    if not isinstance(spec, dict):
+        raise ValueError("hbk.model_spec: expected a model built by make_model (with .spec), "
+                         f"got {type(model).__name__}")
+    return dict(spec)
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, **extra: Any) -> None:
+    """Save ``{"spec", "state_dict", **extra}`` with torch.save (rebuild with :func:`load_model`).
+
+    The spec's dtype is the parameters' current dtype.
+    """
+    spec = model_spec(model)
+    first = next(model.parameters(), None)
+    if first is not None:
+        spec["dtype"] = str(first.dtype).replace("torch.", "")
+    torch.save({"spec": spec, "state_dict": model.state_dict(), **extra}, path)
+
+
+def load_model(path: str | os.PathLike | dict) -> nn.Module:
+    """Rebuild a model saved by :func:`save_model` (or from such a dict).
+
+    Args:
+        path: file path, or the loaded dict.
+
+    Returns:
+        The module in its saved dtype, with the saved weights.
+    """
+    blob = path if isinstance(path, dict) else torch.load(path, map_location="cpu",
+                                                          weights_only=True)
+    if not isinstance(blob, dict) or "spec" not in blob or "state_dict" not in blob:
+        raise ValueError(f"hbk.load_model: expected a file written by save_model, got {path!r}")
+    spec = dict(blob["spec"])
+    arch = spec.pop("arch")
+    in_features = spec.pop("in_features")
+    num_classes = spec.pop("num_classes")
+    spec["dtype"] = getattr(torch, spec["dtype"])
+    if isinstance(spec.get("width"), list):
+        spec["width"] = tuple(spec["width"])
+    if isinstance(in_features, list):
+        in_features = tuple(in_features)
+    model = make_model(arch, in_features, num_classes, **spec)
+    model.load_state_dict(blob["state_dict"])
+    return model
