@@ -1,2 +1,519 @@
-// Thick-restart Lanczos driver (issue 3).
+// Thick-restart block Lanczos (Wu & Simon) with locking and full reorthogonalisation, and
+// the plain Lanczos recurrences of stochastic Lanczos quadrature. See hbk/lanczos.h.
+//
+// Layout: the basis is stored by rows, Q (rows, dim), so that vector j is the contiguous row
+// Q[j] and Gram-Schmidt against the first r vectors is two GEMMs with Q[:r]. Rows
+// [0, nl) hold the locked Ritz vectors, [nl, nl + na) the active basis, and the next
+// `pending` rows the block that the next operator call expands. The projected matrix of
+// the active basis, T = V^T A V, is kept on the host in float64 (filled from the
+// Gram-Schmidt coefficients) and solved with Eigen (dense.cpp).
+#include "hbk/lanczos.h"
 #include "hbk/dense.h"
+
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <random>
+
+namespace hbk {
+
+Which parse_which(const std::string& which) {
+  if (which == "LA") return Which::LA;
+  if (which == "SA") return Which::SA;
+  if (which == "LM") return Which::LM;
+  TORCH_CHECK_VALUE(false, "hbk.lanczos: expected which to be one of 'LA', 'SA', 'LM', got '",
+                    which, "'");
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+double machine_eps(at::ScalarType t) {
+  return t == at::kFloat ? static_cast<double>(std::numeric_limits<float>::epsilon())
+                         : std::numeric_limits<double>::epsilon();
+}
+
+// A (rows x cols) float64 host tensor holding `values` (row-major), converted to `like`.
+at::Tensor host_matrix(const std::vector<double>& values, int64_t rows, int64_t cols,
+                       const at::Tensor& like) {
+  auto host = at::from_blob(const_cast<double*>(values.data()), {rows, cols},
+                            at::TensorOptions().dtype(at::kDouble))
+                  .clone();
+  return host.to(like.options());
+}
+
+// Copy a (r x c) tensor (any dtype/device) into a row-major float64 host vector.
+std::vector<double> to_host(const at::Tensor& t) {
+  auto h = t.detach().to(at::TensorOptions().dtype(at::kDouble).device(at::kCPU)).contiguous();
+  const double* p = h.data_ptr<double>();
+  return std::vector<double>(p, p + h.numel());
+}
+
+// Ranks Ritz values by how much they are wanted (the first is the most wanted).
+std::vector<int64_t> wanted_order(const std::vector<double>& theta, Which which) {
+  std::vector<int64_t> idx(theta.size());
+  std::iota(idx.begin(), idx.end(), 0);
+  std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) {
+    switch (which) {
+      case Which::LA: return theta[a] > theta[b];
+      case Which::SA: return theta[a] < theta[b];
+      case Which::LM: return std::abs(theta[a]) > std::abs(theta[b]);
+    }
+    return false;
+  });
+  return idx;
+}
+
+// Calls the operator on a (dim, b) block given by rows [r0, r0 + b) of Q and returns
+// A X as a fresh (b, dim) row block (detached, basis dtype/device).
+at::Tensor apply_rows(const BlockMatvec& op, const at::Tensor& Q, int64_t r0, int64_t b,
+                      int64_t dim, double& seconds) {
+  at::Tensor x = Q.narrow(0, r0, b).clone();  // the callee gets its own copy
+  at::Tensor arg = b == 1 ? x.view({dim}) : x.t();
+  auto t0 = Clock::now();
+  at::Tensor y = op(arg);
+  seconds += seconds_between(t0, Clock::now());
+  TORCH_CHECK_VALUE(y.defined(), "hbk.lanczos: expected matvec to return a tensor, got None");
+  const bool ok = (y.dim() == 2 && y.size(0) == dim && y.size(1) == b) ||
+                  (b == 1 && y.dim() == 1 && y.size(0) == dim);
+  TORCH_CHECK_VALUE(ok, "hbk.lanczos: expected matvec to return a tensor of shape (", dim,
+                    b == 1 ? ",) or (" : ", ", b == 1 ? std::to_string(dim) + ", 1" : std::to_string(b),
+                    "), got ", y.sizes());
+  TORCH_CHECK_TYPE(y.is_floating_point(),
+                   "hbk.lanczos: expected matvec to return a floating-point tensor, got ",
+                   y.scalar_type());
+  at::Tensor out = at::empty({b, dim}, Q.options());
+  out.copy_(y.detach().reshape({dim, b}).t());
+  return out;
+}
+
+// Two passes of classical Gram-Schmidt of the rows of W against the rows of B (both
+// (., dim)); returns the accumulated coefficients (rows(B), rows(W)).
+at::Tensor cgs2(at::Tensor& W, const at::Tensor& B) {
+  at::Tensor h = at::mm(B, W.t());
+  W.addmm_(h.t(), B, 1.0, -1.0);
+  at::Tensor h2 = at::mm(B, W.t());
+  W.addmm_(h2.t(), B, 1.0, -1.0);
+  return h.add_(h2);
+}
+
+class RandomVectors {
+ public:
+  explicit RandomVectors(uint64_t seed) : gen_(seed) {}
+  at::Tensor next(int64_t dim, const at::TensorOptions& opts) {
+    std::normal_distribution<double> normal;
+    std::vector<double> v(static_cast<size_t>(dim));
+    for (auto& x : v) x = normal(gen_);
+    return host_matrix(v, 1, dim, at::empty({0}, opts));
+  }
+
+ private:
+  std::mt19937_64 gen_;
+};
+
+class ThickRestartLanczos {
+ public:
+  ThickRestartLanczos(const BlockMatvec& op, const at::Tensor& start, const LanczosOptions& o,
+                      const LanczosMonitor& monitor)
+      : op_(op), opts_(o), monitor_(monitor), rng_(o.seed) {
+    TORCH_CHECK_TYPE(start.scalar_type() == at::kFloat || start.scalar_type() == at::kDouble,
+                     "hbk.lanczos: expected a float32 or float64 start block, got ",
+                     start.scalar_type());
+    TORCH_CHECK_VALUE(start.dim() == 1 || start.dim() == 2,
+                      "hbk.lanczos: expected a (dim,) or (dim, b) start block, got shape ",
+                      start.sizes());
+    dim_ = start.size(0);
+    b_ = o.block_size;
+    const at::Tensor s = start.dim() == 1 ? start.view({dim_, 1}) : start;
+    TORCH_CHECK_VALUE(s.size(1) == b_, "hbk.lanczos: expected a start block with ", b_,
+                      " columns (block_size), got ", s.size(1));
+    TORCH_CHECK_VALUE(o.k >= 1 && o.k <= dim_, "hbk.lanczos: expected 1 <= k <= dim = ", dim_,
+                      ", got k = ", o.k);
+    TORCH_CHECK_VALUE(b_ >= 1 && b_ <= dim_, "hbk.lanczos: expected 1 <= block_size <= dim, got ",
+                      b_);
+    TORCH_CHECK_VALUE(o.ncv <= dim_ && (o.ncv == dim_ || o.ncv >= o.k + b_),
+                      "hbk.lanczos: expected k + block_size <= ncv <= dim (or ncv = dim), got ncv = ",
+                      o.ncv, " (k = ", o.k, ", block_size = ", b_, ", dim = ", dim_, ")");
+    TORCH_CHECK_VALUE(o.tol > 0 && std::isfinite(o.tol), "hbk.lanczos: expected tol > 0, got ",
+                      o.tol);
+    TORCH_CHECK_VALUE(o.max_matvecs >= b_, "hbk.lanczos: expected max_matvecs >= block_size, got ",
+                      o.max_matvecs);
+    rows_ = std::min(o.ncv + b_, dim_);
+    auto opts = s.options();
+    Q_ = at::zeros({rows_, dim_}, opts);
+    if (o.store_products) P_ = at::zeros({rows_, dim_}, opts);
+    eps_ = machine_eps(s.scalar_type());
+    T_.assign(static_cast<size_t>(rows_ * rows_), 0.0);
+    // The start block, orthonormalised (random replacements for dependent columns).
+    at::Tensor W = at::empty({b_, dim_}, opts);
+    W.copy_(s.detach().t());
+    at::Tensor norms = at::linalg_vector_norm(W, 2, {1}, false, at::kDouble).cpu();
+    double nmax = 0;
+    for (int64_t c = 0; c < b_; ++c) nmax = std::max(nmax, norms.data_ptr<double>()[c]);
+    TORCH_CHECK_VALUE(nmax > 0 && std::isfinite(nmax),
+                      "hbk.lanczos: expected a nonzero, finite start vector (v0), got norm ", nmax);
+    orthonormalise_block(W, 0, nmax);
+  }
+
+  LanczosOutput run() {
+    auto t0 = Clock::now();
+    bool done = false;
+    while (!done) {
+      if (num_mv_ + pending_ > opts_.max_matvecs) break;  // budget spent
+      expand();
+      if (monitor_) monitor_(LanczosProgress{num_mv_, nl_, restarts_});
+      const bool full = pending_ == 0 || nl_ + na_ + b_ > opts_.ncv;
+      const bool budget = num_mv_ + pending_ > opts_.max_matvecs;
+      if (!(full || budget || na_ % check_every() == 0)) continue;
+      solve_projected();
+      if (all_wanted_converged()) {
+        done = true;
+        converged_ = true;
+      } else if (pending_ == 0) {
+        // Complete basis: the Ritz pairs are exact up to rounding; nothing more to add.
+        done = true;
+      } else if (full && !budget) {
+        restart();
+      }
+    }
+    if (!have_solution_) solve_projected();
+    LanczosOutput out = finish();
+    out.total_seconds = seconds_between(t0, Clock::now());
+    return out;
+  }
+
+ private:
+  // Convergence checks cost an O(na^3) host eigensolve; check about 4 times per basis fill.
+  int64_t check_every() const { return std::max<int64_t>(b_, (opts_.ncv / 4 / b_) * b_); }
+
+  // Orthonormalises the rows of W (b x dim, already orthogonal to Q[0:r0]) into the pending
+  // rows Q[r0:r0+made]; fills coupling_ (made x b, row-major) with W^T = Qn^T coupling.
+  // Columns that are numerically dependent get a random replacement with a zero coupling
+  // row, as long as the basis has room.
+  void orthonormalise_block(at::Tensor& W, int64_t r0, double scale) {
+    const int64_t room = rows_ - r0;
+    const int64_t bw = W.size(0);
+    const int64_t target = std::min(b_, room);
+    coupling_.assign(static_cast<size_t>(std::max<int64_t>(target, 1) * bw), 0.0);
+    const double thresh = 100.0 * eps_ * std::max(scale, std::numeric_limits<double>::min());
+    int64_t made = 0;
+    for (int64_t c = 0; c < bw; ++c) {
+      at::Tensor w = W.narrow(0, c, 1);
+      if (made > 0) {
+        at::Tensor h = cgs2(w, Q_.narrow(0, r0, made));
+        auto hh = to_host(h);
+        for (int64_t r = 0; r < made; ++r) coupling_[r * bw + c] = hh[r];
+      }
+      const double rho = at::linalg_vector_norm(w, 2, {}, false, at::kDouble).item<double>();
+      if (rho > thresh && made < target) {
+        Q_.narrow(0, r0 + made, 1).copy_(w / rho);
+        coupling_[made * bw + c] = rho;
+        ++made;
+      }
+    }
+    // Random replacements (zero coupling) keep the block full while there is room.
+    while (made < target) {
+      at::Tensor w = rng_.next(dim_, Q_.options());
+      if (r0 + made > 0) cgs2(w, Q_.narrow(0, 0, r0 + made));
+      const double rho = at::linalg_vector_norm(w, 2, {}, false, at::kDouble).item<double>();
+      TORCH_CHECK(rho > 0.5 * std::sqrt(eps_), "hbk.lanczos: could not extend the basis");
+      Q_.narrow(0, r0 + made, 1).copy_(w / rho);
+      ++made;
+    }
+    pending_ = made;
+    coupling_rows_ = made;
+    coupling_cols_ = bw;
+  }
+
+  double& T(int64_t i, int64_t j) { return T_[static_cast<size_t>(i * rows_ + j)]; }
+
+  // One operator call on the pending block, Gram-Schmidt against the whole basis, and the new
+  // columns of T.
+  void expand() {
+    const int64_t r0 = nl_ + na_, bb = pending_;
+    at::Tensor W = apply_rows(op_, Q_, r0, bb, dim_, matvec_seconds_);
+    num_mv_ += bb;
+    if (P_.defined()) P_.narrow(0, r0, bb).copy_(W);
+    at::Tensor raw = at::linalg_vector_norm(W, 2, {1}, false, at::kDouble).max();
+    anorm_ = std::max(anorm_, raw.item<double>());
+    auto h = to_host(cgs2(W, Q_.narrow(0, 0, r0 + bb)));  // (r0 + bb) x bb
+    // Column block of T for the active rows; coefficients against locked rows are dropped
+    // (they are bounded by the locked pairs' residuals, i.e. by the tolerance).
+    for (int64_t c = 0; c < bb; ++c) {
+      for (int64_t i = 0; i < na_ + bb; ++i) T(i, na_ + c) = h[(nl_ + i) * bb + c];
+    }
+    for (int64_t c = 0; c < bb; ++c) {
+      for (int64_t i = 0; i < na_; ++i) T(na_ + c, i) = T(i, na_ + c);
+      for (int64_t c2 = 0; c2 < c; ++c2) {
+        const double s = 0.5 * (T(na_ + c, na_ + c2) + T(na_ + c2, na_ + c));
+        T(na_ + c, na_ + c2) = T(na_ + c2, na_ + c) = s;
+      }
+    }
+    na_ += bb;
+    last_block_ = bb;
+    pending_ = 0;
+    have_solution_ = false;
+    orthonormalise_block(W, nl_ + na_, anorm_);
+    // The coupling of the new pending block to the block just expanded (sub-diagonal of T).
+    for (int64_t r = 0; r < coupling_rows_; ++r)
+      for (int64_t c = 0; c < bb; ++c) {
+        if (na_ + r < rows_) T(na_ + r, na_ - bb + c) = coupling_[r * bb + c];
+      }
+  }
+
+  // Eigen-decomposition of the active T; Lanczos residual estimates of every Ritz pair.
+  void solve_projected() {
+    const int64_t m = na_;
+    std::vector<double> a(static_cast<size_t>(m * m));
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < m; ++j) a[i * m + j] = 0.5 * (T(i, j) + T(j, i));
+    symmetric_eig(a, static_cast<int>(m), theta_, S_);
+    est_.assign(static_cast<size_t>(m), 0.0);
+    for (int64_t i = 0; i < m; ++i) {
+      double s2 = 0;
+      for (int64_t r = 0; r < coupling_rows_; ++r) {
+        double acc = 0;
+        for (int64_t c = 0; c < last_block_; ++c)
+          acc += coupling_[r * coupling_cols_ + c] * S_[(m - last_block_ + c) * m + i];
+        s2 += acc * acc;
+      }
+      est_[i] = std::sqrt(s2);
+    }
+    order_ = wanted_order(theta_, opts_.which);
+    // theta_1: the most wanted Ritz value among the locked and the active ones.
+    std::vector<double> all(lock_vals_);
+    if (m > 0) all.push_back(theta_[order_[0]]);
+    theta1_ = all.empty() ? 0.0 : std::abs(all[wanted_order(all, opts_.which)[0]]);
+    have_solution_ = true;
+  }
+
+  bool is_converged(int64_t i) const {
+    return est_[i] <= opts_.tol * std::max(std::abs(theta_[i]), theta1_);
+  }
+
+  bool all_wanted_converged() const {
+    const int64_t need = opts_.k - nl_;
+    if (need > na_) return false;
+    for (int64_t j = 0; j < need; ++j)
+      if (!is_converged(order_[j])) return false;
+    return true;
+  }
+
+  // Ritz vectors (rows) for the active Ritz indices `sel`: S[:, sel]^T X for X = Q or P rows.
+  at::Tensor ritz_rows(const at::Tensor& X, const std::vector<int64_t>& sel) {
+    const int64_t m = na_, s = static_cast<int64_t>(sel.size());
+    std::vector<double> st(static_cast<size_t>(s * m));
+    for (int64_t j = 0; j < s; ++j)
+      for (int64_t i = 0; i < m; ++i) st[j * m + i] = S_[i * m + sel[j]];
+    return at::mm(host_matrix(st, s, m, X), X.narrow(0, nl_, m));
+  }
+
+  // Thick restart: lock the converged wanted pairs, keep about half of the basis of the most
+  // wanted unconverged Ritz vectors, and continue from the pending block.
+  void restart() {
+    const int64_t need = opts_.k - nl_;
+    std::vector<int64_t> lock, keep;
+    for (int64_t j = 0; j < std::min(need, na_); ++j)
+      if (is_converged(order_[j])) lock.push_back(order_[j]);
+    const int64_t nl_new = nl_ + static_cast<int64_t>(lock.size());
+    const int64_t room = opts_.ncv - nl_new;  // active capacity after the restart
+    const int64_t still = opts_.k - nl_new;
+    int64_t nkeep = std::max(still, still + (room - still) / 2);
+    nkeep = std::min(nkeep, room - b_);
+    for (int64_t j = 0; j < na_ && static_cast<int64_t>(keep.size()) < nkeep; ++j) {
+      const int64_t i = order_[j];
+      if (std::find(lock.begin(), lock.end(), i) == lock.end()) keep.push_back(i);
+    }
+    std::vector<int64_t> sel(lock);
+    sel.insert(sel.end(), keep.begin(), keep.end());
+    const int64_t ns = static_cast<int64_t>(sel.size());
+    at::Tensor Y = ritz_rows(Q_, sel);
+    at::Tensor AY = P_.defined() ? ritz_rows(P_, sel) : at::Tensor();
+    at::Tensor pending = Q_.narrow(0, nl_ + na_, pending_).clone();
+    Q_.narrow(0, nl_, ns).copy_(Y);
+    if (P_.defined()) P_.narrow(0, nl_, ns).copy_(AY);
+    Q_.narrow(0, nl_ + ns, pending_).copy_(pending);
+    for (int64_t i : lock) lock_vals_.push_back(theta_[i]);
+    // New active T: diag(theta_keep) with the arrow coupling to the pending block.
+    const int64_t nk = static_cast<int64_t>(keep.size()), m = na_;
+    std::vector<double> Tn(static_cast<size_t>(rows_ * rows_), 0.0);
+    for (int64_t j = 0; j < nk; ++j) {
+      Tn[j * rows_ + j] = theta_[keep[j]];
+      for (int64_t r = 0; r < coupling_rows_; ++r) {
+        double acc = 0;
+        for (int64_t c = 0; c < last_block_; ++c)
+          acc += coupling_[r * coupling_cols_ + c] * S_[(m - last_block_ + c) * m + keep[j]];
+        Tn[(nk + r) * rows_ + j] = Tn[j * rows_ + nk + r] = acc;
+      }
+    }
+    T_.swap(Tn);
+    nl_ = nl_new;
+    na_ = nk;
+    ++restarts_;
+    have_solution_ = false;
+  }
+
+  LanczosOutput finish() {
+    // Candidates: the locked pairs, then the most wanted active Ritz pairs.
+    const int64_t need = std::min(opts_.k - nl_, na_);
+    std::vector<int64_t> sel(order_.begin(), order_.begin() + need);
+    std::vector<double> vals(lock_vals_);
+    std::vector<char> est_ok(static_cast<size_t>(nl_), 1);
+    for (int64_t i : sel) {
+      vals.push_back(theta_[i]);
+      est_ok.push_back(is_converged(i) ? 1 : 0);
+    }
+    at::Tensor Y = Q_.narrow(0, 0, nl_);
+    at::Tensor AY = P_.defined() ? P_.narrow(0, 0, nl_) : at::Tensor();
+    if (need > 0) {
+      Y = at::cat({Y, ritz_rows(Q_, sel)}, 0);
+      if (P_.defined()) AY = at::cat({AY, ritz_rows(P_, sel)}, 0);
+    }
+    const int64_t kk = static_cast<int64_t>(vals.size());
+    if (!P_.defined()) {  // residuals need A Y: extra operator calls, counted
+      AY = at::empty({kk, dim_}, Y.options());
+      at::Tensor Yc = Y.contiguous();
+      for (int64_t r0 = 0; r0 < kk; r0 += b_) {
+        const int64_t bb = std::min(b_, kk - r0);
+        AY.narrow(0, r0, bb).copy_(apply_rows(op_, Yc, r0, bb, dim_, matvec_seconds_));
+        num_mv_ += bb;
+      }
+    }
+    // Final order: wanted order of the values.
+    auto ord = wanted_order(vals, opts_.which);
+    std::vector<int64_t> perm(ord.begin(), ord.end());
+    at::Tensor idx = at::from_blob(perm.data(), {kk}, at::TensorOptions().dtype(at::kLong)).clone();
+    idx = idx.to(Y.device());
+    Y = Y.index_select(0, idx);
+    AY = AY.index_select(0, idx);
+    std::vector<double> sv(static_cast<size_t>(kk));
+    for (int64_t j = 0; j < kk; ++j) sv[j] = vals[perm[j]];
+    at::Tensor theta_dev = host_matrix(sv, kk, 1, Y);
+    at::Tensor R = AY - theta_dev * Y;
+    at::Tensor res = at::linalg_vector_norm(R, 2, {1}, false, at::kDouble).cpu();
+    LanczosOutput out;
+    out.eigenvalues = at::from_blob(sv.data(), {kk}, at::TensorOptions().dtype(at::kDouble)).clone();
+    out.eigenvectors = Y.t();
+    out.residuals = res;
+    out.converged = at::zeros({kk}, at::TensorOptions().dtype(at::kBool));
+    const double ref = kk > 0 ? std::abs(sv[0]) : 0.0;
+    const double* rp = res.data_ptr<double>();
+    bool* cp = out.converged.data_ptr<bool>();
+    for (int64_t j = 0; j < kk; ++j)
+      cp[j] = est_ok[perm[j]] && rp[j] <= opts_.tol * std::max(std::abs(sv[j]), ref);
+    out.num_matvecs = num_mv_;
+    out.num_restarts = restarts_;
+    out.matvec_seconds = matvec_seconds_;
+    return out;
+  }
+
+  const BlockMatvec& op_;
+  LanczosOptions opts_;
+  const LanczosMonitor& monitor_;
+  RandomVectors rng_;
+  int64_t dim_ = 0, b_ = 1, rows_ = 0;
+  at::Tensor Q_, P_;
+  double eps_ = 0, anorm_ = 0;
+  std::vector<double> T_;                    // rows_ x rows_, active block at the top left
+  std::vector<double> coupling_;             // coupling_rows_ x coupling_cols_
+  int64_t coupling_rows_ = 0, coupling_cols_ = 0, last_block_ = 0;
+  int64_t nl_ = 0, na_ = 0, pending_ = 0;
+  std::vector<double> lock_vals_;
+  std::vector<double> theta_, S_, est_;
+  std::vector<int64_t> order_;
+  double theta1_ = 0;
+  bool have_solution_ = false, converged_ = false;
+  int64_t num_mv_ = 0, restarts_ = 0;
+  double matvec_seconds_ = 0;
+};
+
+}  // namespace
+
+LanczosOutput thick_restart_lanczos(const BlockMatvec& op, const at::Tensor& start,
+                                    const LanczosOptions& opts, const LanczosMonitor& monitor) {
+  ThickRestartLanczos driver(op, start, opts, monitor);
+  return driver.run();
+}
+
+std::pair<at::Tensor, at::Tensor> lanczos_tridiagonal(const BlockMatvec& op,
+                                                      const at::Tensor& start, int64_t steps,
+                                                      const LanczosMonitor& monitor) {
+  TORCH_CHECK_TYPE(start.scalar_type() == at::kFloat || start.scalar_type() == at::kDouble,
+                   "hbk.spectral_density: expected float32 or float64 probes, got ",
+                   start.scalar_type());
+  TORCH_CHECK_VALUE(start.dim() == 2, "hbk.spectral_density: expected (dim, b) probes, got ",
+                    start.sizes());
+  const int64_t dim = start.size(0), b = start.size(1);
+  TORCH_CHECK_VALUE(steps >= 1 && steps <= dim,
+                    "hbk.spectral_density: expected 1 <= lanczos_steps <= dim = ", dim, ", got ",
+                    steps);
+  auto opts = start.options();
+  const double eps = machine_eps(start.scalar_type());
+  at::Tensor Qb = at::zeros({b, steps, dim}, opts);  // column j's basis in Qb[j]
+  at::Tensor q = start.detach().t().contiguous();    // (b, dim)
+  at::Tensor n0 = at::linalg_vector_norm(q, 2, {1}, true);
+  TORCH_CHECK_VALUE(n0.min().item<double>() > 0, "hbk.spectral_density: expected nonzero probes");
+  Qb.select(1, 0).copy_(q / n0);
+  std::vector<double> alpha(static_cast<size_t>(b * steps), 0.0);
+  std::vector<double> beta(static_cast<size_t>(b * std::max<int64_t>(steps - 1, 0)), 0.0);
+  RandomVectors rng(0x5eed);
+  double mv_seconds = 0, anorm = 0;
+  for (int64_t j = 0; j < steps; ++j) {
+    at::Tensor X = Qb.select(1, j).contiguous();  // (b, dim)
+    at::Tensor W = apply_rows(op, X, 0, b, dim, mv_seconds);
+    anorm = std::max(anorm,
+                     at::linalg_vector_norm(W, 2, {1}, false, at::kDouble).max().item<double>());
+    auto a = to_host((X * W).sum(1, false, at::kDouble));
+    for (int64_t c = 0; c < b; ++c) alpha[c * steps + j] = a[c];
+    if (monitor) monitor(LanczosProgress{(j + 1) * b, 0, 0});
+    if (j + 1 == steps) break;
+    // Full reorthogonalisation of each column against its own basis (batched GEMVs).
+    at::Tensor B = Qb.narrow(1, 0, j + 1);  // (b, j+1, dim)
+    at::Tensor w = W.unsqueeze(2);          // (b, dim, 1)
+    for (int pass = 0; pass < 2; ++pass) {
+      at::Tensor h = at::bmm(B, w);  // (b, j+1, 1)
+      w.sub_(at::bmm(B.transpose(1, 2), h));
+    }
+    auto nrm = to_host(at::linalg_vector_norm(W, 2, {1}, false, at::kDouble));
+    for (int64_t c = 0; c < b; ++c) {
+      at::Tensor wc = W.select(0, c);
+      if (nrm[c] > 100.0 * eps * anorm) {
+        beta[c * (steps - 1) + j] = nrm[c];
+        Qb.select(0, c).select(0, j + 1).copy_(wc / nrm[c]);
+      } else {
+        // Invariant subspace: continue with a random orthogonal vector and beta = 0, which
+        // decouples the rest of the tridiagonal matrix (zero quadrature weight).
+        at::Tensor r = rng.next(dim, opts).view({dim, 1});
+        at::Tensor Bc = Qb.select(0, c).narrow(0, 0, j + 1);
+        for (int pass = 0; pass < 2; ++pass) r.sub_(at::mm(Bc.t(), at::mm(Bc, r)));
+        const double rn = at::linalg_vector_norm(r, 2, {}, false, at::kDouble).item<double>();
+        Qb.select(0, c).select(0, j + 1).copy_(r.view({dim}) / rn);
+      }
+    }
+  }
+  auto A = at::from_blob(alpha.data(), {b, steps}, at::TensorOptions().dtype(at::kDouble)).clone();
+  auto Bt = at::from_blob(beta.data(), {b, std::max<int64_t>(steps - 1, 0)},
+                          at::TensorOptions().dtype(at::kDouble))
+                .clone();
+  return {A, Bt};
+}
+
+}  // namespace hbk
