@@ -18,6 +18,18 @@ from .ops import (  # noqa: E402  (loads and checks the extension first)
     gram,
 )
 from .params import flatten_params, num_params, unflatten_like  # noqa: E402
+from .lanczos import LanczosResult, lanczos  # noqa: E402
+from .hessian import (  # noqa: E402
+    HessianOperator,
+    MatrixOperator,
+    SpectralDensity,
+    TraceResult,
+    exact_hessian,
+    hessian_eigs,
+    hessian_spectrum,
+    hessian_trace,
+    spectral_density,
+)
 
 __all__ = [
     "__version__",
@@ -31,4 +43,15 @@ __all__ = [
     "flatten_params",
     "unflatten_like",
     "num_params",
+    "lanczos",
+    "LanczosResult",
+    "HessianOperator",
+    "MatrixOperator",
+    "hessian_eigs",
+    "exact_hessian",
+    "hessian_spectrum",
+    "hessian_trace",
+    "spectral_density",
+    "TraceResult",
+    "SpectralDensity",
 ]
