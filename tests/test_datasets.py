@@ -240,7 +240,8 @@ def _write_mnist(directory, prefix: str, per_digit: int, compress: bool, seed: i
     rng = np.random.default_rng(seed)
     labels = np.tile(np.arange(10), per_digit)  # 0..9, 0..9, ... (interleaved order)
     images = rng.integers(0, 256, size=(len(labels), 28, 28), dtype=np.uint8)
-    for name, arr in ((f"{prefix}-images-idx3-ubyte", images), (f"{prefix}-labels-idx1-ubyte", labels)):
+    files = ((f"{prefix}-images-idx3-ubyte", images), (f"{prefix}-labels-idx1-ubyte", labels))
+    for name, arr in files:
         data = _idx_bytes(arr)
         if compress:
             (directory / (name + ".gz")).write_bytes(gzip.compress(data))

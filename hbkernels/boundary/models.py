@@ -10,7 +10,7 @@ state is untouched and the same seed gives the same model in every dtype.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -99,9 +99,14 @@ class FNN2Layer(MLP):
         super().__init__([in_features, hidden[0], hidden[1], num_classes], activation, log_softmax)
 
 
-def _conv_out_features(body: nn.Module, in_shape: tuple[int, int, int]) -> int:
-    with torch.no_grad():
-        return int(body(torch.zeros(1, *in_shape)).numel())
+def _conv_out_features(body: Callable[[torch.Tensor], torch.Tensor],
+                       in_shape: tuple[int, int, int]) -> int:
+    """Flattened feature count of ``body`` for one input (0 when the image is too small)."""
+    try:
+        with torch.no_grad():
+            return int(body(torch.zeros(1, *in_shape)).numel())
+    except RuntimeError:  # a kernel larger than the (pooled) image
+        return 0
 
 
 class CNN(nn.Module):
@@ -221,7 +226,7 @@ def make_model(
         raise ValueError(f"hbk.make_model: expected no width/activation for {arch} (fixed "
                          f"architecture), got width={width!r}, activation={activation!r}")
     if arch in ("fnn", "fnn2"):
-        d = int(torch.Size(in_features).numel()) if not isinstance(in_features, int) else in_features
+        d = in_features if isinstance(in_features, int) else int(torch.Size(in_features).numel())
         if d < 1:
             raise ValueError(f"hbk.make_model: expected in_features >= 1, got {in_features!r}")
         if arch == "fnn" and not isinstance(width, int):
@@ -234,7 +239,8 @@ def make_model(
         if arch == "fnn":
             return FNN(d, int(width), num_classes, activation, log_softmax)
         if arch == "fnn2":
-            return FNN2Layer(d, hidden, num_classes, activation, log_softmax)  # type: ignore[arg-type]
+            return FNN2Layer(d, hidden, num_classes, activation,  # type: ignore[arg-type]
+                             log_softmax)
         if arch == "cnn":
             return CNN(_image_shape(in_features, 28), num_classes, log_softmax)
         return LeNet5(_image_shape(in_features, 32), num_classes, log_softmax)
@@ -302,7 +308,8 @@ def default_model_for(
         raise ValueError(f"hbk.default_model_for: expected width=None for {dataset.name!r} "
                          f"({arch} has a fixed architecture), got {width!r}")
     shape = dataset.input_shape
-    in_features: int | tuple = shape if arch in ("cnn", "lenet5") else int(torch.Size(shape).numel())
+    in_features: int | tuple = (shape if arch in ("cnn", "lenet5")
+                                else int(torch.Size(shape).numel()))
     kwargs: dict[str, Any] = {"seed": seed, "dtype": dtype or dataset.dtype,
                               "log_softmax": log_softmax}
     if ref_width is not None:

@@ -25,7 +25,6 @@ random-label models are trained once and reused by the adversarial and large-nor
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import math
@@ -76,7 +75,10 @@ _EVAL_CHUNK = 4096
 # losses, accuracy
 
 
-def loss_function(name: str, num_classes: int | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def loss_function(name: str, num_classes: int | None = None) -> LossFn:
     """The training loss as ``loss(outputs (n, C), targets (n,) int64) -> mean scalar``.
 
     ``"ce"``: cross-entropy on logits. ``"nll"``: negative log-likelihood on log-probabilities
@@ -200,7 +202,8 @@ class TrainConfig:
             raise TypeError(f"hbk.TrainConfig: expected a floating torch.dtype, got {self.dtype!r}")
         if any(not isinstance(m, int) or m < 1 for m in self.milestones):
             raise bad("milestones of ints >= 1", self.milestones)
-        if self.log_every is not None and (not isinstance(self.log_every, int) or self.log_every < 1):
+        if self.log_every is not None and (not isinstance(self.log_every, int)
+                                           or self.log_every < 1):
             raise bad("log_every None or >= 1", self.log_every)
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise bad("threads None or >= 1", self.threads)
@@ -554,7 +557,8 @@ def _fit(models: list[nn.Module], dataset: Dataset, cfg: TrainConfig, seeds: lis
         raise ValueError("hbk.train: expected identical MLP models (FNN / FNN2Layer) for "
                          f"engine='stacked', got {sorted({type(m).__name__ for m in models})}")
     if cfg.engine != "autograd" and _stackable(models):
-        groups = [(_StackedEngine(models, X, y, cfg, dataset.num_classes), seeds)]  # type: ignore[arg-type]
+        stacked = _StackedEngine(models, X, y, cfg, dataset.num_classes)  # type: ignore[arg-type]
+        groups: list[tuple[Any, list[int]]] = [(stacked, seeds)]
     else:
         groups = [(_AutogradEngine(m, X, y, cfg), [s]) for m, s in zip(models, seeds)]
 
@@ -574,8 +578,6 @@ def _run(engine: Any, dataset: Dataset, cfg: TrainConfig, seeds: list[int],
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     history = [{"epoch": [], "loss": [], "train_acc": [], "test_acc": []} for _ in range(S)]
     checkpoints: list[list] = [[] for _ in range(S)]
-    scheduler = (torch.optim.lr_scheduler.MultiStepLR(engine.opt, list(cfg.milestones), cfg.gamma)
-                 if cfg.milestones else None)
     threads = cfg.threads
     if threads is None and engine.macs_per_sample() * bs * S < _ONE_THREAD_MACS:
         threads = 1
@@ -607,8 +609,9 @@ def _run(engine: Any, dataset: Dataset, cfg: TrainConfig, seeds: list[int],
                 perm = torch.stack([torch.randperm(n, generator=g) for g in gens])
                 for i in range(0, n, bs):
                     engine.step(perm[:, i : i + bs])
-            if scheduler is not None:
-                scheduler.step()
+            if epoch in cfg.milestones:  # MultiStepLR: lr * gamma^(milestones passed)
+                for group in engine.opt.param_groups:
+                    group["lr"] *= cfg.gamma
             if epoch % log_every == 0 or epoch == E:
                 log(epoch)
                 bar.set_postfix(loss=f"{history[0]['loss'][-1]:.3g}",
@@ -826,7 +829,8 @@ def _phase_inputs(setup: str, dataset_name: str) -> tuple[str, str | None, str |
     return dataset_name, None, None
 
 
-def _phase_key(setup: str, dataset_name: str, seed: int, plan: _Plan, top: bool) -> tuple[str, dict]:
+def _phase_key(setup: str, dataset_name: str, seed: int, plan: _Plan,
+               top: bool) -> tuple[str, dict]:
     data_name, parent_setup, parent_data = _phase_inputs(setup, dataset_name)
     ds = plan.dataset(data_name, setup == "random-label")
     model = default_model_for(ds, plan.width, dtype=plan.dtype)
@@ -888,7 +892,8 @@ def _run_phase(setup: str, dataset_name: str, seeds: list[int], plan: _Plan,
         models = [default_model_for(ds, plan.width, seed=s, dtype=plan.dtype) for s in todo]
         infos: list[dict[str, Any]] = [{} for _ in todo]
         if parent_setup is not None:
-            parents = _run_phase(parent_setup, parent_data, todo, plan, False)  # type: ignore[arg-type]
+            parents = _run_phase(parent_setup, parent_data,  # type: ignore[arg-type]
+                                 todo, plan, False)
             for model, parent, info in zip(models, parents, infos):
                 info["parent"] = {"setup": parent_setup, "dataset": parent_data,
                                   "key": parent.info.get("key"), "train_acc": parent.train_acc,
@@ -899,7 +904,7 @@ def _run_phase(setup: str, dataset_name: str, seeds: list[int], plan: _Plan,
                     info["scale"] = rescale_to_norm(model, parent.param_norm)
                 else:
                     model.load_state_dict(parent.model.state_dict())
-        desc = f"{dataset_name} {setup} seed{'s' if len(todo) > 1 else ''} " + ",".join(map(str, todo))
+        desc = f"{dataset_name} {setup} seed{'s' if len(todo) > 1 else ''} {','.join(map(str, todo))}"
         trained = _fit(models, ds, cfg, todo, desc)
         for s, res, info in zip(todo, trained, infos):
             res.info.update(info)
@@ -943,7 +948,8 @@ def train_setups(
     epochs = dict(epochs or {})
     unknown = set(epochs) - set(SETUPS)
     if unknown:
-        raise ValueError(f"hbk.train_setup: expected epochs keys in {SETUPS}, got {sorted(unknown)}")
+        raise ValueError(f"hbk.train_setup: expected epochs keys in {SETUPS}, got "
+                         f"{sorted(unknown)}")
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"hbk.train_setup: expected distinct seeds, got {seeds}")
