@@ -1,0 +1,276 @@
+"""hbk.lanczos against torch.linalg.eigh on explicit symmetric matrices."""
+
+from __future__ import annotations
+
+import _thread
+import json
+import warnings
+
+import pytest
+import torch
+
+import hbkernels as hbk
+
+
+def sym_with_spectrum(evals: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A dense symmetric matrix Q diag(evals) Q^T with a random orthogonal Q."""
+    g = torch.Generator().manual_seed(seed)
+    n = evals.numel()
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return (Q * evals.double()) @ Q.T
+
+
+def spectra(n: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    rest = torch.rand(n, generator=g, dtype=torch.float64)
+    return {
+        # 8 outliers well above a bulk in [0, 1]
+        "separated": torch.cat([torch.linspace(10, 3, 8, dtype=torch.float64), rest[8:]]),
+        # the top 6 within 1e-3 of each other
+        "clustered": torch.cat([5 + 1e-3 * rest[:6], rest[6:]]),
+        # exact multiplicities 3 and 2 at the top
+        "degenerate": torch.cat([torch.tensor([4.0, 4.0, 4.0, 2.5, 2.5], dtype=torch.float64), rest[5:]]),
+        # both signs, the negative end larger in magnitude (a saddle's Hessian)
+        "negative": torch.cat([torch.linspace(-6, -2, 5, dtype=torch.float64),
+                               torch.linspace(2, 4, 4, dtype=torch.float64),
+                               2 * rest[9:] - 1]),
+    }
+
+
+def expected(evals: torch.Tensor, which: str, k: int) -> torch.Tensor:
+    if which == "LA":
+        return evals.sort(descending=True).values[:k]
+    if which == "SA":
+        return evals.sort().values[:k]
+    return evals[evals.abs().argsort(descending=True)][:k]
+
+
+def check_pairs(A: torch.Tensor, res: hbk.LanczosResult, want: torch.Tensor, tol: float) -> None:
+    """Eigenvalues match, eigenvectors are orthonormal eigenvectors, residuals are honest."""
+    k = want.numel()
+    scale = A.abs().max().item() * A.shape[0]
+    assert res.eigenvalues.shape == (k,) and res.eigenvectors.shape == (A.shape[0], k)
+    assert res.converged.all()
+    # eigenvalue error ~ residual^2 / gap, bounded here by the residual itself
+    torch.testing.assert_close(res.eigenvalues, want, atol=10 * tol * scale, rtol=0)
+    Y = res.eigenvectors.double()
+    torch.testing.assert_close(Y.T @ Y, torch.eye(k, dtype=torch.float64), atol=1e-6, rtol=0)
+    R = A @ Y - Y * res.eigenvalues
+    true_res = R.norm(dim=0)
+    torch.testing.assert_close(res.residuals, true_res, atol=1e-10 * scale, rtol=1e-6)
+    theta1 = res.eigenvalues.abs()[0]
+    assert (true_res <= tol * torch.maximum(res.eigenvalues.abs(), theta1) * 1.01 + 1e-12).all()
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+@pytest.mark.parametrize("name", ["separated", "clustered", "degenerate", "negative"])
+def test_topk_matches_eigh(name: str, which: str) -> None:
+    n, k = 150, 5
+    evals = spectra(n)[name]
+    A = sym_with_spectrum(evals)
+    block = 3 if name == "degenerate" else 1  # multiplicity 3 needs a block of 3
+    res = hbk.lanczos(lambda v: A @ v, n, k, which=which, tol=1e-8, seed=3, block_size=block)
+    want = expected(torch.linalg.eigvalsh(A), which, k)
+    check_pairs(A, res, want, 1e-8)
+    # the ordering convention: LA descending, SA ascending, LM by descending magnitude
+    if which == "LA":
+        assert (res.eigenvalues.diff() <= 0).all()
+    elif which == "SA":
+        assert (res.eigenvalues.diff() >= 0).all()
+    else:
+        assert (res.eigenvalues.abs().diff() <= 1e-12).all()
+
+
+@pytest.mark.parametrize("block_size", [2, 3])
+@pytest.mark.parametrize("name", ["separated", "degenerate"])
+def test_block_lanczos(name: str, block_size: int) -> None:
+    n, k = 101, 6
+    A = sym_with_spectrum(spectra(n)[name])
+    calls = []
+
+    def mv(V: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(V.shape))
+        return A @ V
+
+    res = hbk.lanczos(mv, n, k, tol=1e-8, seed=0, block_size=block_size, ncv=40)
+    check_pairs(A, res, expected(torch.linalg.eigvalsh(A), "LA", k), 1e-8)
+    assert all(c == (n, block_size) for c in calls)
+    assert res.num_matvecs == block_size * len(calls)
+
+
+def test_degenerate_eigenvectors_span_the_eigenspace() -> None:
+    n = 80
+    evals = spectra(n)["degenerate"]
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    A = (Q * evals) @ Q.T
+    # a repeated eigenvalue needs a block at least as wide as its multiplicity: one start
+    # vector only reaches one direction of the eigenspace (rounding aside)
+    res = hbk.lanczos(lambda v: A @ v, n, 3, tol=1e-10, seed=1, block_size=3)
+    # the top eigenspace is spanned by Q[:, :3]: the projector onto it keeps every vector
+    P = Q[:, :3] @ Q[:, :3].T
+    torch.testing.assert_close(P @ res.eigenvectors, res.eigenvectors, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("k", [1, 38, 40])
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_k_one_and_close_to_dim(k: int, which: str) -> None:
+    n = 40
+    evals = torch.linspace(-3, 2, n, dtype=torch.float64)
+    A = sym_with_spectrum(evals, seed=5)
+    res = hbk.lanczos(lambda v: A @ v, n, k, which=which, tol=1e-10, seed=0)
+    check_pairs(A, res, expected(evals, which, k), 1e-10)
+
+
+def test_float32_basis() -> None:
+    n = 97  # odd size
+    A = sym_with_spectrum(spectra(n)["separated"]).float()
+    res = hbk.lanczos(lambda v: A @ v, n, 4, tol=1e-5, dtype=torch.float32, seed=0)
+    assert res.eigenvectors.dtype == torch.float32 and res.eigenvalues.dtype == torch.float64
+    want = torch.linalg.eigvalsh(A.double()).flip(0)[:4]
+    torch.testing.assert_close(res.eigenvalues, want, atol=1e-4, rtol=0)
+    assert res.converged.all()
+
+
+def test_hbk_uses_fewer_or_equal_matvecs_than_needed_by_a_full_basis() -> None:
+    # a fast-converging spectrum must stop well before dim products
+    n = 300
+    A = sym_with_spectrum(spectra(n)["separated"])
+    res = hbk.lanczos(lambda v: A @ v, n, 3, tol=1e-6, seed=0)
+    assert res.num_matvecs < 60 and res.all_converged
+
+
+def test_seed_and_v0_reproducible() -> None:
+    n = 60
+    A = sym_with_spectrum(spectra(n)["separated"])
+    r1 = hbk.lanczos(lambda v: A @ v, n, 3, seed=7)
+    r2 = hbk.lanczos(lambda v: A @ v, n, 3, seed=7)
+    assert torch.equal(r1.eigenvalues, r2.eigenvalues) and r1.num_matvecs == r2.num_matvecs
+    v0 = torch.ones(n, dtype=torch.float64)
+    r3 = hbk.lanczos(lambda v: A @ v, n, 3, v0=v0)
+    r4 = hbk.lanczos(lambda v: A @ v, n, 3, v0=v0)
+    assert torch.equal(r3.eigenvectors, r4.eigenvectors)
+
+
+def test_store_products_off_costs_k_products() -> None:
+    n = 70
+    A = sym_with_spectrum(spectra(n)["separated"])
+    r1 = hbk.lanczos(lambda v: A @ v, n, 4, seed=2)
+    r2 = hbk.lanczos(lambda v: A @ v, n, 4, seed=2, store_products=False)
+    assert r2.num_matvecs == r1.num_matvecs + 4
+    torch.testing.assert_close(r1.eigenvalues, r2.eigenvalues, atol=1e-12, rtol=0)
+    torch.testing.assert_close(r1.residuals, r2.residuals, atol=1e-9, rtol=0)
+
+
+def test_non_convergence_is_reported() -> None:
+    n = 200
+    evals = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    A = sym_with_spectrum(evals)  # a dense bulk: slow convergence
+    with pytest.warns(RuntimeWarning, match="converged"):
+        res = hbk.lanczos(lambda v: A @ v, n, 5, tol=1e-12, max_matvecs=30, seed=0)
+    assert res.num_matvecs <= 30
+    assert not res.converged.all()
+    assert torch.isfinite(res.eigenvalues).all()
+    # the residuals are the true ones, and the flags agree with them
+    true_res = (A @ res.eigenvectors - res.eigenvectors * res.eigenvalues).norm(dim=0)
+    torch.testing.assert_close(res.residuals, true_res, atol=1e-10, rtol=1e-6)
+    bound = 1e-12 * torch.maximum(res.eigenvalues.abs(), res.eigenvalues.abs()[0])
+    assert not (res.converged & (res.residuals > bound)).any()
+
+
+class MatvecError(Exception):
+    pass
+
+
+def test_matvec_exception_propagates_unchanged() -> None:
+    n = 30
+    A = sym_with_spectrum(torch.linspace(0, 1, n, dtype=torch.float64))
+    err = MatvecError("boom at call 4")
+    count = [0]
+
+    def mv(v):
+        count[0] += 1
+        if count[0] == 4:
+            raise err
+        return A @ v
+
+    with pytest.raises(MatvecError) as info:
+        hbk.lanczos(mv, n, 2, seed=0)
+    assert info.value is err and str(info.value) == "boom at call 4"
+    assert count[0] == 4
+
+
+def test_keyboard_interrupt_stops_the_run() -> None:
+    n = 200
+    A = sym_with_spectrum(torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    count = [0]
+
+    def mv(v):
+        count[0] += 1
+        if count[0] == 5:
+            _thread.interrupt_main()  # a pending SIGINT, as from Ctrl-C
+        return A @ v
+
+    with pytest.raises(KeyboardInterrupt):
+        hbk.lanczos(mv, n, 5, tol=1e-12, seed=0)
+    assert 5 <= count[0] <= 6
+
+
+def test_bad_matvec_results() -> None:
+    n = 20
+    with pytest.raises(TypeError, match="hbk.lanczos: expected matvec to return a torch.Tensor, got list"):
+        hbk.lanczos(lambda v: [1.0], n, 2)
+    with pytest.raises(ValueError, match=r"hbk.lanczos: expected matvec to return a tensor of shape \(20,\)"):
+        hbk.lanczos(lambda v: torch.zeros(3, dtype=torch.float64), n, 2)
+    with pytest.raises(ValueError, match=r"shape \(20, 2\)"):
+        hbk.lanczos(lambda v: v[:, :1], n, 2, block_size=2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, msg",
+    [
+        (dict(k=0), ValueError, r"expected k in \[1, 20\], got 0"),
+        (dict(k=21), ValueError, r"expected k in \[1, 20\], got 21"),
+        (dict(which="BE"), ValueError, "expected which to be one of"),
+        (dict(tol=0.0), ValueError, "expected tol > 0"),
+        (dict(dtype=torch.int64), TypeError, "expected dtype float32 or float64"),
+        (dict(ncv=2), ValueError, "expected k \\+ block_size <= ncv"),
+        (dict(block_size=21), ValueError, "expected block_size in"),
+        (dict(max_matvecs=0), ValueError, "expected max_matvecs >= 1"),
+        (dict(v0=torch.ones(5)), ValueError, r"expected v0 of shape \(20,\)"),
+        (dict(v0=torch.zeros(20)), ValueError, "nonzero, finite v0"),
+        (dict(k=2.0), TypeError, "expected k to be an int"),
+    ],
+)
+def test_input_validation(kwargs, exc, msg) -> None:
+    A = torch.eye(20, dtype=torch.float64)
+    args = dict(k=2)
+    args.update(kwargs)
+    with pytest.raises(exc, match=msg):
+        hbk.lanczos(lambda v: A @ v, 20, **args)
+
+
+def test_matvec_not_callable() -> None:
+    with pytest.raises(TypeError, match="hbk.lanczos: expected matvec to be callable, got Tensor"):
+        hbk.lanczos(torch.eye(3), 3, 1)
+
+
+def test_zero_operator() -> None:
+    res = hbk.lanczos(lambda v: torch.zeros_like(v), 12, 2, seed=0)
+    assert res.all_converged and torch.equal(res.eigenvalues, torch.zeros(2, dtype=torch.float64))
+
+
+def test_result_json(tmp_path) -> None:
+    n = 25
+    A = sym_with_spectrum(torch.linspace(1, 2, n, dtype=torch.float64))
+    res = hbk.lanczos(lambda v: A @ v, n, 2, seed=0, quiet=False)
+    d = res.to_dict()
+    assert json.loads(json.dumps(d)) == d
+    assert len(d["eigenvectors"]) == n and len(d["eigenvectors"][0]) == 2
+    path = res.save(tmp_path / "r.json", include_vectors=False)
+    loaded = json.loads(path.read_text())
+    assert loaded["num_matvecs"] == res.num_matvecs and "eigenvectors" not in loaded
+    assert 0.0 <= res.overhead_fraction <= 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hbk.lanczos(lambda v: A @ v, n, 2, seed=0)  # converged: no warning
