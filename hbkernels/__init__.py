@@ -30,6 +30,13 @@ from .hessian import (  # noqa: E402
     hessian_trace,
     spectral_density,
 )
+from .persample import (  # noqa: E402
+    gradient_alignment,
+    gradient_covariance_eigs,
+    gradient_gram,
+    gradient_norms,
+    per_sample_grads,
+)
 
 __all__ = [
     "__version__",
@@ -43,6 +50,11 @@ __all__ = [
     "flatten_params",
     "unflatten_like",
     "num_params",
+    "per_sample_grads",
+    "gradient_norms",
+    "gradient_gram",
+    "gradient_alignment",
+    "gradient_covariance_eigs",
     "lanczos",
     "LanczosResult",
     "HessianOperator",
