@@ -347,3 +347,17 @@ def test_grid_alignment_and_peak_report():
     rep = M.boundary_peak_report(grid)
     assert len(rep["per_vector"]) == 3 and 0 < rep["boundary_fraction"] < 1
     json.dumps(M.to_jsonable(rep))
+
+
+@pytest.mark.skipif(not hasattr(hbk, "hessian_eigs"), reason="hbk.hessian_eigs (issue 3) not exported yet")
+def test_lanczos_path_labels_G_as_lower_bound():
+    model, X, y = trained()
+    ev, V = ref_spectrum(model, X, y)
+    res = M.analyze(model, (X, y), max_exact_params=10, k=8)
+    assert not res.exact and res.G_lower_bound and res.G_max.lower_bound
+    assert res.G_max.num_vectors == 8 and res.G_max.total == M.num_params(model)
+    torch.testing.assert_close(res.spectrum.eigenvalues[:3], ev[:3], rtol=1e-5, atol=1e-9)
+    assert res.trace == pytest.approx(float(ev.sum()), rel=0.05)
+    exact = M.analyze(model, (X, y))
+    assert res.G_max.count <= exact.G_max.count  # a lower bound
+    assert res.to_dict()["G_lower_bound"] is True

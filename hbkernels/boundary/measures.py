@@ -193,13 +193,14 @@ def gradient_alignment(
     labels: str | torch.Tensor = "pred",
     targets: torch.Tensor | None = None,
     loss: str = "ce",
-    batch_size: int = 4096,
+    batch_size: int | None = None,
     quiet: bool = True,
 ) -> torch.Tensor:
-    """Cosine alignment of per-sample loss gradients with vectors, in input chunks.
+    """Cosine alignment of per-sample loss gradients with vectors (dtype/device handled).
 
-    A thin chunking/progress layer over :func:`hbkernels.gradient_alignment`, which never forms
-    the ``(n, p)`` gradient matrix.
+    Casts inputs and vectors to the model's dtype and calls
+    :func:`hbkernels.gradient_alignment` (which never forms the ``(n, p)`` gradient matrix and
+    blocks the samples itself), optionally in input chunks of ``batch_size``.
 
     Args:
         model: the classifier.
@@ -209,7 +210,7 @@ def gradient_alignment(
             ``targets`` is required) or an ``(n,)`` label tensor.
         targets: ``(n,)`` true labels for ``labels="true"``.
         loss: ``"ce"``, ``"nll"`` or ``"mse"``.
-        batch_size: inputs per call.
+        batch_size: inputs per call (None: one call).
         quiet: no progress bar.
 
     Returns:
@@ -228,21 +229,17 @@ def gradient_alignment(
     if isinstance(labels, str) and labels == "true":
         if targets is None or targets.shape[0] != n:
             raise ValueError(f"{fn}: expected targets of shape ({n},) with labels='true', got {targets}")
-    chunks = range(0, n, batch_size)
-    if not quiet and len(chunks) > 1:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc="alignment", unit="chunk", leave=False)
+    step = n if batch_size is None else int(batch_size)
     out = []
-    for i in chunks:
-        xb = inputs[i : i + batch_size].to(device=device, dtype=dtype)
-        kw: dict[str, Any] = {"loss": loss}
+    for i in range(0, n, max(step, 1)):
+        xb = inputs[i : i + step].to(device=device, dtype=dtype)
+        kw: dict[str, Any] = {"loss": loss, "quiet": quiet}
         if isinstance(labels, torch.Tensor):
-            kw["labels"] = labels[i : i + batch_size].to(device)
+            kw["labels"] = labels[i : i + step].to(device)
         else:
             kw["labels"] = labels
             if labels == "true":
-                kw["targets"] = targets[i : i + batch_size].to(device)
+                kw["targets"] = targets[i : i + step].to(device)
         out.append(hbk.gradient_alignment(model, xb, vectors, **kw).detach().cpu())
     if not out:
         return torch.zeros(0, vectors.shape[1], dtype=dtype)
@@ -663,7 +660,7 @@ class Spectrum(JsonResult):
         exact: True for the full dense spectrum.
         method: ``"exact"`` or ``"lanczos"``.
         seconds: wall time.
-        trace: ``sum(eigenvalues)`` when exact, else a Hutchinson estimate (or None).
+        trace: ``sum(eigenvalues)`` when exact, else a Hutch++ estimate.
     """
 
     eigenvalues: torch.Tensor
@@ -706,7 +703,7 @@ def compute_spectrum(
     max_exact_params: int = 5000,
     dtype: torch.dtype | None = torch.float64,
     tol: float = 1e-8,
-    trace_samples: int = 100,
+    trace_samples: int = 99,
     seed: int = 0,
 ) -> Spectrum:
     """Hessian spectrum of the mean training loss: exact when ``p <= max_exact_params``.
@@ -719,8 +716,8 @@ def compute_spectrum(
         max_exact_params: largest ``p`` for the dense path (``O(p^3)`` eigh, ``p^2`` memory).
         dtype: dtype of the Hessian (float64 by default; None keeps the model's).
         tol: Lanczos tolerance.
-        trace_samples: Hutchinson samples for the trace on the Lanczos path.
-        seed: seed of the trace estimate.
+        trace_samples: operator products of the Hutch++ trace estimate on the Lanczos path.
+        seed: seed of the Lanczos start and of the trace estimate.
 
     Returns:
         :class:`Spectrum` (eigenvalues descending).
@@ -738,14 +735,9 @@ def compute_spectrum(
         return Spectrum(evals, evecs, p, True, "exact", time.perf_counter() - t0,
                         trace=float(evals.sum()))
     kk = min(p, k or 100)
-    res = hbk.hessian_eigs(m, loss_fn, (X, y), kk, which="LA", tol=tol)
-    trace = None
-    try:
-        op = hbk.HessianOperator(m, loss_fn, (X, y))
-        tr = hbk.hessian_trace(op, num_samples=trace_samples, seed=seed)
-        trace = float(getattr(tr, "trace", tr))
-    except TypeError:
-        trace = None
+    res = hbk.hessian_eigs(m, loss_fn, (X, y), kk, which="LA", tol=tol, seed=seed)
+    op = hbk.HessianOperator(m, loss_fn, (X, y))
+    trace = float(hbk.hessian_trace(op, num_probes=trace_samples, seed=seed).estimate)
     return Spectrum(res.eigenvalues.double(), res.eigenvectors, p, False, "lanczos",
                     time.perf_counter() - t0, trace=trace,
                     converged=[bool(c) for c in torch.as_tensor(res.converged).reshape(-1)])
@@ -953,7 +945,10 @@ def reparameterize(model: nn.Module, alphas: Sequence[float] = (0.2, 5.0, 1.0)) 
         raise ValueError(f"{fn}: expected a model with 3 nn.Linear layers (FNN_2layer), got {len(layers)}")
     acts = [type(mod).__name__ for mod in out.modules() if not list(mod.children())
             and not isinstance(mod, nn.Linear)]
-    if any(a in ("Sigmoid", "Tanh", "GELU", "SiLU", "ELU") for a in acts):
+    act_attr = getattr(out, "activation", None)  # MLPs of boundary.models apply it functionally
+    if isinstance(act_attr, str):
+        acts.append(act_attr)
+    if any(a.lower() in ("sigmoid", "tanh", "gelu", "silu", "elu") for a in acts):
         raise ValueError(f"{fn}: expected positively homogeneous activations (ReLU), got {acts}")
     with torch.no_grad():
         l1, l2, l3 = layers
