@@ -85,3 +85,22 @@ def test_boundary_search_on_relu_net_is_batched_and_seeded():
     torch.testing.assert_close(again, xs)
     with pytest.raises(ValueError, match="entries"):
         MG.find_boundary_points(model, u[:-1], (2,))
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_linear_fast_path_matches_vmap_objective(loss):
+    from torch.func import grad, vmap
+
+    model, X, y = trained()
+    u = torch.randn(M.num_params(model), generator=torch.Generator().manual_seed(1),
+                    dtype=torch.float64)
+    objective, cos = MG.boundary_objective(model, u, loss)
+    fast = MG._linear_cosine(model, u, loss)
+    x = (X[:5] + 0.3).clone().requires_grad_(True)
+    c = fast(x)
+    torch.testing.assert_close(c, vmap(cos)(x.detach()), rtol=1e-9, atol=1e-12)
+    (g,) = torch.autograd.grad(((c * c - 1) ** 2).sum(), x)
+    torch.testing.assert_close(g, vmap(grad(objective))(x.detach()), rtol=1e-7, atol=1e-12)
+    # a parameter outside the Linear layers: no fast path (the vmap path is used)
+    model.extra = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    assert MG._linear_cosine(model, torch.cat([u, u[:1]]), loss) is None

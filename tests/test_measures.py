@@ -361,3 +361,16 @@ def test_lanczos_path_labels_G_as_lower_bound():
     exact = M.analyze(model, (X, y))
     assert res.G_max.count <= exact.G_max.count  # a lower bound
     assert res.to_dict()["G_lower_bound"] is True
+
+
+def test_plane_alignment_through_three_inputs():
+    model, X, y = trained()
+    V = M.random_directions(M.num_params(model), 2, seed=0)
+    g = M.plane_alignment(model, [X[0], X[15], X[30]], V, resolution=5, span=(0.0, 1.0))
+    assert g.maps.shape == (2, 5, 5) and g.pred.shape == (5, 5)
+    expect = ref_alignment(model, X[[0, 15, 30]], V)
+    torch.testing.assert_close(torch.stack([g.maps[:, 0, 0], g.maps[:, 0, -1], g.maps[:, -1, 0]]),
+                               expect, rtol=1e-8, atol=1e-10)
+    assert g.pred[0, 0] == model(X[:1]).argmax()
+    with pytest.raises(ValueError, match="three anchors"):
+        M.plane_alignment(model, [X[0], X[1]], V)

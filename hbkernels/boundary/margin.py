@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from ..params import num_params, trainable_parameters
+from ..params import num_params, trainable_parameters, unflatten_like
 from .measures import JsonResult, _model_dtype, gradient_alignment
 
 __all__ = ["boundary_objective", "find_boundary_points", "MarginResult", "estimate_margin"]
@@ -37,8 +37,9 @@ def _per_sample_loss(out: torch.Tensor, loss: str) -> torch.Tensor:
         return F.cross_entropy(out, label)
     if loss == "nll":
         return F.nll_loss(out, label)
-    if loss == "mse":
-        return F.mse_loss(out, F.one_hot(label, out.shape[-1]).to(out.dtype))
+    if loss == "mse":  # one-hot by comparison: F.one_hot is not vmap-able
+        onehot = (torch.arange(out.shape[-1], device=out.device) == label[..., None]).to(out.dtype)
+        return F.mse_loss(out, onehot)
     raise ValueError(f"hbk.boundary.margin: expected loss 'ce', 'nll' or 'mse', got {loss!r}")
 
 
@@ -75,6 +76,69 @@ def boundary_objective(model: nn.Module, u: torch.Tensor, loss: str = "ce"):
         return (c * c - 1.0) ** 2
 
     return objective, cos
+
+
+def _linear_cosine(model: nn.Module, u: torch.Tensor, loss: str):
+    """Batched, twice-differentiable ``cos(g(x), u)`` for models whose parameters all sit in
+    ``nn.Linear`` layers on 2-D activations (MLPs), or None for other models.
+
+    Per layer the per-sample gradient is ``d a^T`` (weight) and ``d`` (bias), with ``a`` the
+    layer input and ``d`` the gradient of the sample's loss w.r.t. the layer output, so
+    ``<g, u> = sum_l d^T U_l a + d^T u_b`` and ``|g|^2 = sum_l (|a|^2 + 1) |d|^2``. The
+    ``d`` come from one ``autograd.grad`` of the summed per-sample losses with
+    ``create_graph=True`` (samples are independent), so the result backpropagates into ``x``:
+    one forward and two backward passes per step for all restarts, instead of a ``vmap`` of
+    nested ``grad``.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    params = trainable_parameters(model)
+    owned = {id(m.weight) for m in layers} | {id(m.bias) for m in layers if m.bias is not None}
+    if not layers or any(id(p) not in owned for p in params):
+        return None
+    if any(not m.weight.requires_grad or (m.bias is not None and not m.bias.requires_grad)
+           for m in layers):
+        return None
+    views = dict(zip((id(p) for p in params), unflatten_like(u / u.norm(), model)))
+
+    def cos(x: torch.Tensor) -> torch.Tensor | None:
+        seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        calls = [0]
+
+        def hook(mod, inp, out):
+            calls[0] += 1
+            seen[id(mod)] = (inp[0], out)
+
+        handles = [m.register_forward_hook(hook) for m in layers]
+        try:
+            out = model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        if calls[0] != len(layers) or any(seen[id(m)][0].dim() != 2 for m in layers):
+            return None  # a layer reused or applied to (n, T, d) inputs: use the vmap path
+        label = out.argmax(dim=-1).detach()
+        if loss == "ce":
+            per = F.cross_entropy(out, label, reduction="none")
+        elif loss == "nll":
+            per = F.nll_loss(out, label, reduction="none")
+        else:
+            per = F.mse_loss(out, F.one_hot(label, out.shape[-1]).to(out.dtype),
+                             reduction="none").mean(-1)
+        outs = [seen[id(m)][1] for m in layers]
+        ds = torch.autograd.grad(per.sum(), outs, create_graph=True)
+        dots = x.new_zeros(x.shape[0])
+        sq = x.new_zeros(x.shape[0])
+        for m, d in zip(layers, ds):
+            a = seen[id(m)][0]
+            dots = dots + torch.einsum("ro,oi,ri->r", d, views[id(m.weight)], a)
+            dd = (d * d).sum(1)
+            sq = sq + dd * (a * a).sum(1)
+            if m.bias is not None:
+                dots = dots + d @ views[id(m.bias)]
+                sq = sq + dd
+        return dots / (sq.sqrt() + torch.finfo(sq.dtype).tiny)
+
+    return cos
 
 
 def find_boundary_points(
@@ -124,6 +188,7 @@ def find_boundary_points(
     dtype = _model_dtype(model)
     device = trainable_parameters(model)[0].device
     objective, cos = boundary_objective(model, u, loss)
+    fast = _linear_cosine(model, u.reshape(-1).to(device=device, dtype=dtype), loss)
     gen = torch.Generator().manual_seed(int(seed))
     x0 = torch.randn(restarts, *input_shape, generator=gen, dtype=torch.float64) * init_std
     if init_mean is not None:
@@ -134,13 +199,24 @@ def find_boundary_points(
     opt = torch.optim.SGD([x], lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=gamma)
     grad_obj = vmap(grad(objective))
+    if fast is not None and fast(x.detach().clone().requires_grad_(True)) is None:
+        fast = None
+
+    def step_grad(xd: torch.Tensor) -> torch.Tensor:
+        if fast is None:
+            return grad_obj(xd)
+        xr = xd.clone().requires_grad_(True)
+        c = fast(xr)
+        (g,) = torch.autograd.grad(((c * c - 1.0) ** 2).sum(), xr)
+        return g
+
     it = range(steps)
     if not quiet:
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc="margin search", unit="step", leave=False)
     for _ in it:
-        g = grad_obj(x.detach())
+        g = step_grad(x.detach())
         x.grad = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
         opt.step()
         sched.step()
