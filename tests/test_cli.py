@@ -11,18 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_measures import one_thread  # noqa: F401  (autouse fixture)
 
 from hbkernels import cli
 
 TINY = ["--width", "6", "--resolution", "12", "--quiet"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("sub", [[], ["demo"], ["train"], ["analyze"], ["reproduce"]])

@@ -6,19 +6,12 @@ import json
 
 import pytest
 import torch
+from test_measures import one_thread  # noqa: F401  (autouse fixture)
 
 from hbkernels.boundary import experiments as E
 
 TINY = dict(width=6, epochs_scale=0.002, resolution=12, k_maps=2, margin_steps=20,
             margin_restarts=2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_phase_epochs_profiles():

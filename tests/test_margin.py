@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from test_measures import (  # noqa: F401  (autouse fixtures)
-    contract_fallbacks,
+from test_measures import (  # noqa: F401  (autouse fixture)
     one_thread,
     ref_alignment,
     trained,

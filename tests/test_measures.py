@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-import hbkernels as hbk
 from hbkernels.boundary import measures as M
 
 
@@ -64,37 +63,6 @@ def ref_hessian(model, X, y) -> torch.Tensor:
 def ref_spectrum(model, X, y):
     ev, V = torch.linalg.eigh(ref_hessian(model, X, y))
     return ev.flip(0), V.flip(1)
-
-
-@pytest.fixture(autouse=True)
-def contract_fallbacks(monkeypatch):
-    """Until the Hessian / per-sample APIs land (issues 3, 4), stand in ground-truth versions.
-
-    Once hbkernels exports them this fixture does nothing and the tests check the real APIs.
-    """
-    def gradient_alignment(model, inputs, vectors, labels="pred", loss="ce", targets=None, quiet=True):
-        lab = targets if isinstance(labels, str) and labels == "true" else (
-            labels if isinstance(labels, torch.Tensor) else None)
-        return ref_alignment(model, inputs, vectors, lab)
-
-    def gradient_norms(model, inputs, labels="pred", loss="ce", targets=None, quiet=True):
-        with torch.no_grad():
-            lab = model(inputs).argmax(-1)
-        return ref_per_sample_grads(model, inputs, lab).norm(dim=1)
-
-    def hessian_spectrum(model, loss_fn, data, dtype=torch.float64):
-        return ref_spectrum(model, *data)
-
-    def gradient_covariance_eigs(model, inputs, k, labels="pred", loss="ce", targets=None, quiet=True):
-        G = ref_per_sample_grads(model, inputs, targets)
-        ev, V = torch.linalg.eigh(G.T @ G / G.shape[0])
-        return ev.flip(0)[:k], V.flip(1)[:, :k]
-
-    for name, f in [("gradient_alignment", gradient_alignment), ("gradient_norms", gradient_norms),
-                    ("hessian_spectrum", hessian_spectrum),
-                    ("gradient_covariance_eigs", gradient_covariance_eigs)]:
-        if not hasattr(hbk, name):
-            monkeypatch.setattr(hbk, name, f, raising=False)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -349,7 +317,6 @@ def test_grid_alignment_and_peak_report():
     json.dumps(M.to_jsonable(rep))
 
 
-@pytest.mark.skipif(not hasattr(hbk, "hessian_eigs"), reason="hbk.hessian_eigs (issue 3) not exported yet")
 def test_lanczos_path_labels_G_as_lower_bound():
     model, X, y = trained()
     ev, V = ref_spectrum(model, X, y)

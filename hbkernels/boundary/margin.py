@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
+from typing import Any
 from dataclasses import dataclass, field
 
 import torch
@@ -280,17 +282,8 @@ def estimate_margin(
     data: tuple[torch.Tensor, torch.Tensor],
     u: torch.Tensor,
     *,
-    restarts: int = 8,
-    steps: int = REFERENCE_STEPS,
-    lr: float = 0.01,
-    weight_decay: float = 1e-3,
-    milestones: Sequence[int] | None = None,
-    gamma: float = 0.1,
-    init_std: float = 1.0,
-    init_mean: torch.Tensor | None = None,
-    seed: int = 0,
     loss: str = "ce",
-    quiet: bool = True,
+    **search: Any,
 ) -> MarginResult:
     """Estimate the margin of the decision boundary with the top Hessian eigenvector ``u``.
 
@@ -298,8 +291,10 @@ def estimate_margin(
         model: the classifier.
         data: ``(X_train, y_train)``; only ``X_train`` is used (alignment at predicted labels).
         u: ``(p,)`` or ``(p, 1)`` top eigenvector of the training-loss Hessian.
-        restarts, steps, lr, weight_decay, milestones, gamma, init_std, init_mean, seed, loss,
-            quiet: see :func:`find_boundary_points` (defaults: the reference schedule).
+        loss: per-sample loss (``"ce"``, ``"nll"``, ``"mse"``).
+        **search: options of :func:`find_boundary_points` (``restarts``, ``steps``, ``lr``,
+            ``weight_decay``, ``milestones``, ``gamma``, ``init_std``, ``init_mean``, ``seed``,
+            ``quiet``); defaults: 8 restarts and the reference schedule.
 
     Returns:
         :class:`MarginResult`.
@@ -307,11 +302,19 @@ def estimate_margin(
     t0 = time.perf_counter()
     X = data[0].to(_model_dtype(model))
     u = u.reshape(-1)
-    xs, obj, cs = find_boundary_points(
-        model, u, tuple(X.shape[1:]), restarts=restarts, steps=steps, lr=lr,
-        weight_decay=weight_decay, milestones=milestones, gamma=gamma, init_std=init_std,
-        init_mean=init_mean, seed=seed, loss=loss, quiet=quiet,
-    )
+    params = inspect.signature(find_boundary_points).parameters
+    unknown = set(search) - set(params)
+    if unknown:
+        raise TypeError(f"hbk.boundary.estimate_margin: unexpected options {sorted(unknown)}")
+    settings = {k: search.get(k, params[k].default) for k in
+                ("restarts", "steps", "lr", "weight_decay", "milestones", "gamma", "init_std",
+                 "seed")}
+    if settings["milestones"] is None:
+        settings["milestones"] = [max(1, round(settings["steps"] * REFERENCE_MILESTONE_FRACTION))]
+    settings["milestones"] = list(settings["milestones"])
+    settings["loss"] = loss
+    xs, obj, cs = find_boundary_points(model, u, tuple(X.shape[1:]), loss=loss, **search)
+    restarts = xs.shape[0]
     a = gradient_alignment(model, X, u[:, None], labels="pred", loss=loss)[:, 0].double()
     i_max, i_min = int(torch.argmax(a)), int(torch.argmin(a))
     x_max, x_min = X[i_max].detach().cpu(), X[i_min].detach().cpu()
@@ -321,15 +324,12 @@ def estimate_margin(
     margins = torch.minimum(d_max, d_min)
     objd = torch.nan_to_num(obj.detach().cpu().double(), nan=float("inf"))
     chosen = int(torch.argmin(objd))
-    ms = list(milestones) if milestones is not None else [max(1, round(steps * REFERENCE_MILESTONE_FRACTION))]
     return MarginResult(
         margin=float(margins[chosen]), x_b=xs[chosen].detach().cpu(), x_max=x_max, x_min=x_min,
         idx_max=i_max, idx_min=i_min, cos_max=float(a[i_max]), cos_min=float(a[i_min]),
         dist_max=float(d_max[chosen]), dist_min=float(d_min[chosen]), chosen=chosen,
         restart_objective=[float(v) for v in objd], restart_cos=[float(v) for v in cs.cpu()],
         restart_margin=[float(v) for v in margins],
-        settings={"restarts": restarts, "steps": steps, "lr": lr, "weight_decay": weight_decay,
-                  "milestones": ms, "gamma": gamma, "init_std": init_std, "seed": seed,
-                  "loss": loss},
+        settings=settings,
         seconds=time.perf_counter() - t0, x_restarts=xs.detach().cpu(),
     )
