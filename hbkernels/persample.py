@@ -774,7 +774,7 @@ def gradient_alignment(
     ghost = eng.choose("align", k)
     layout = eng.layout(ghost)
     eng.set_dense_width(layout.width)
-    vsq = torch.linalg.vector_norm(V, dim=0).square_()
+    vsq = _column_sq_norms(V)
     idx = [j for j, g in enumerate(ghost) if g]
     W = [V[q.w_offset : q.w_offset + q.p_weight].view(q.d_out, q.d_in, k)
          for q in (eng.pairs[j] for j in idx)]
@@ -799,6 +799,16 @@ def gradient_alignment(
                 dots.addmm_(b[:, col : col + size], V[p0 : p0 + size])
         out[s:e] = ops.cosine_from_dots(dots, gsq, vsq)
     return out[:, 0] if squeeze else out
+
+
+def _column_sq_norms(V: torch.Tensor) -> torch.Tensor:
+    """``|v_j|^2`` of a row-major (p, k) matrix, in row chunks (a dim-0 reduction over the whole
+    matrix is strided and several times slower for large k)."""
+    rows = max(1, _TEMP_ELEMS // V.shape[1])
+    vsq = V[:rows].square().sum(0)
+    for r0 in range(rows, V.shape[0], rows):
+        vsq += V[r0 : r0 + rows].square().sum(0)
+    return vsq
 
 
 def gradient_gram(
