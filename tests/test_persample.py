@@ -15,6 +15,15 @@ from hbkernels.params import trainable_parameters
 STRATEGIES = ["auto", "ghost", "materialise"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread avoids OpenMP barrier stalls on the shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ----------------------------------------------------------------------------- reference
 def ref_loss(out: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
     """The loss of a batch of one, as the paper's code computes it."""
@@ -242,7 +251,6 @@ def test_mnist_cnn_casts_raw_pixels():
     assert_close_scaled(hbk.gradient_alignment(model, X, V), ref_cosine(G, V))
 
 
-@pytest.mark.slow
 def test_lenet5_matches_vmap(dtype):
     torch.manual_seed(6)
     model = lenet5().to(dtype)
@@ -425,6 +433,20 @@ def test_memory_budget_bounds_blocks_on_a_large_grid():
 
     eng = _Engine("t", model, X, "pred", "ce", None, None, budget, True)
     assert 1 < eng.block_size < 90_000 // 10
+
+
+def test_auto_strategy_choices():
+    """Ghost for few vectors on T = 1 layers; materialisation for k = p and for convs."""
+    from hbkernels.persample import _Engine
+
+    model = mnist_cnn().double()
+    X = torch.randn(2, 1, 28, 28, dtype=torch.float64)
+    eng = _Engine("t", model, X, "pred", "ce", None, None, None, True)
+    assert [q.T for q in eng.pairs] == [26 * 26, 11 * 11, 1]
+    assert eng.choose("align", 25) == [False, False, True]
+    assert eng.choose("align", 7203) == [False, False, False]
+    assert eng.choose("norms") == [False, False, True]
+    assert eng.choose("gram") == [False, False, True]
 
 
 # ----------------------------------------------------------------------------- Gram / eigs
