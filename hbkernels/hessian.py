@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 _FLOATS = (torch.float32, torch.float64)
-_METHODS = ("auto", "double_backward", "forward_over_reverse")
+_METHODS = ("auto", "double_backward", "forward_over_reverse", "linear_chain")
 
 
 # ------------------------------------------------------------------------------ operators
@@ -156,6 +156,284 @@ def _select_params(fn: str, model: nn.Module, params: Any) -> list[str]:
     return names
 
 
+# ------------------------------------------------------------------------------ linear chains
+_CHAIN_ACTS = ("relu", "tanh", "sigmoid")
+
+
+def _activation_name(module: nn.Module) -> str | None:
+    for cls, name in ((nn.ReLU, "relu"), (nn.Tanh, "tanh"), (nn.Sigmoid, "sigmoid")):
+        if type(module) is cls:
+            return name
+    return None
+
+
+def _linear_chain(model: nn.Module) -> tuple[list[nn.Linear], list[str]] | None:
+    """``(linears, activations)`` if ``model`` computes ``Linear (act Linear)*`` on flattened
+    inputs and has no other parameters, else None.
+
+    Recognised: an ``nn.Sequential`` of ``[Flatten,] Linear, act, Linear, ..., Linear`` with act
+    in ReLU/Tanh/Sigmoid, and the fully connected nets of :mod:`hbkernels.boundary.models`
+    (``MLP`` subclasses with their own forward, without ``log_softmax``).
+    """
+    layers: list[nn.Linear] = []
+    acts: list[str] = []
+    if type(model) is nn.Sequential:
+        mods = list(model)
+        if mods and type(mods[0]) is nn.Flatten and mods[0].start_dim == 1 and mods[0].end_dim == -1:
+            mods = mods[1:]
+        if not mods or len(mods) % 2 == 0:
+            return None
+        for i, m in enumerate(mods):
+            if i % 2 == 0:
+                if type(m) is not nn.Linear:
+                    return None
+                layers.append(m)
+            else:
+                name = _activation_name(m)
+                if name is None:
+                    return None
+                acts.append(name)
+    else:
+        try:
+            from .boundary.models import MLP
+        except ImportError:  # pragma: no cover - the boundary package is optional here
+            return None
+        if not isinstance(model, MLP) or type(model).forward is not MLP.forward:
+            return None
+        if model.log_softmax or model.activation not in _CHAIN_ACTS:
+            return None
+        layers = list(model.linears())
+        acts = [model.activation] * (len(layers) - 1)
+    chain_params = {id(p) for lin in layers for p in lin.parameters()}
+    if chain_params != {id(p) for p in model.parameters()} or list(model.buffers()):
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return None
+    return layers, acts
+
+
+def _act_derivatives(name: str, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sigma(z), sigma'(z), sigma''(z)) elementwise."""
+    if name == "relu":
+        return torch.relu(z), (z > 0).to(z.dtype), torch.zeros((), dtype=z.dtype, device=z.device)
+    if name == "tanh":
+        t = torch.tanh(z)
+        d1 = 1 - t * t
+        return t, d1, -2 * t * d1
+    s = torch.sigmoid(z)
+    d1 = s * (1 - s)
+    return s, d1, d1 * (1 - 2 * s)
+
+
+class _ChainHVP:
+    """Closed-form Hessian-vector products for Linear/activation chains (Pearlmutter's R-op).
+
+    For ``z_l = a_l W_l^T + b_l``, ``a_{l+1} = sigma(z_l)``, output ``z_{L-1}``, the forward
+    tangents ``Rz_l = Ra_l W_l^T + a_l dW_l^T + db_l``, ``Ra_{l+1} = sigma'(z_l) Rz_l``, then the
+    loss Hessian in output space (autograd on the small ``(n, C)`` loss graph), then
+    ``RgW_l = Rdelta_l^T a_l + delta_l^T Ra_l``, ``Re_l = Rdelta_{l+1} W_{l+1} + delta_{l+1}
+    dW_{l+1}``, ``Rdelta_l = sigma'(z_l) Re_l + sigma''(z_l) e_l Rz_l``. The forward and
+    backward quantities of every batch are computed once; a block of ``b`` directions costs
+    a few large GEMMs per layer (about 6 ``n d_in d_out`` multiply-adds per direction for the
+    hidden layers, 2 for an identity column in :meth:`unit_columns`).
+    """
+
+    def __init__(self, layers, acts, batches, weights, loss_fn, dtype) -> None:
+        self.W = [lin.weight.detach().to(dtype) for lin in layers]
+        self.b = [None if lin.bias is None else lin.bias.detach().to(dtype) for lin in layers]
+        self.acts = acts
+        self.L = len(layers)
+        self.loss_fn = loss_fn
+        self.cache = [self._prepare(x, y, w) for (x, y), w in zip(batches, weights)]
+
+    def param_slices(self) -> list[tuple[int, str]]:
+        """(layer, "W" | "b") for each parameter, in model.parameters() order."""
+        out = []
+        for l in range(self.L):
+            out.append((l, "W"))
+            if self.b[l] is not None:
+                out.append((l, "b"))
+        return out
+
+    def _prepare(self, x: torch.Tensor, y: torch.Tensor, w: float) -> dict:
+        a = [x.reshape(x.shape[0], -1).to(self.W[0].dtype)]
+        s1, s2 = [], []
+        with torch.no_grad():
+            for l in range(self.L):
+                z = a[l] @ self.W[l].T
+                if self.b[l] is not None:
+                    z = z + self.b[l]
+                if l < self.L - 1:
+                    act, d1, d2 = _act_derivatives(self.acts[l], z)
+                    a.append(act)
+                    s1.append(d1)
+                    s2.append(d2)
+            out = z
+
+        def lfun(o: torch.Tensor) -> torch.Tensor:
+            return self.loss_fn(o, y) * w
+
+        o = out.detach().requires_grad_(True)
+        with torch.enable_grad():
+            gout = torch.autograd.grad(lfun(o), o)[0]
+        delta = [None] * self.L
+        e = [None] * (self.L - 1)
+        delta[-1] = gout
+        for l in range(self.L - 1, 0, -1):
+            e[l - 1] = delta[l] @ self.W[l]
+            delta[l - 1] = s1[l - 1] * e[l - 1]
+        return {"a": a, "s1": s1, "s2": s2, "delta": delta, "e": e, "out": out, "lfun": lfun}
+
+    @staticmethod
+    def _hout(c: dict, rout: torch.Tensor) -> torch.Tensor:
+        """Loss Hessian in output space applied to ``rout`` (n, b, C) -> (n, b, C): a
+        double backward through the small ``(n, C)`` loss graph (kept per batch)."""
+        if "gout_graph" not in c:
+            o = c["out"].detach().requires_grad_(True)
+            with torch.enable_grad():
+                g = torch.autograd.grad(c["lfun"](o), o, create_graph=True)[0]
+            c["gout_graph"] = (o, g)
+        o, g = c["gout_graph"]
+        if not g.requires_grad:  # a loss linear in the outputs
+            return torch.zeros_like(rout)
+        b = rout.shape[1]
+        with torch.enable_grad():
+            if b == 1:
+                h = torch.autograd.grad(g, o, grad_outputs=rout[:, 0], retain_graph=True)[0][:, None]
+            else:
+                h = torch.autograd.grad(g, o, grad_outputs=rout.transpose(0, 1), retain_graph=True,
+                                        is_grads_batched=True)[0].transpose(0, 1)
+        return h
+
+    def _one_batch(self, c: dict, dW: list, db: list, unit: tuple | None,
+                   lower: bool = False) -> tuple[list, list]:
+        """One batch's (H V) per layer. Tangents are kept as (n, b, d) so that every product
+        with a weight or an activation matrix is one GEMM without copies. ``unit`` =
+        (layer, "W" | "b", flat indices): identity directions, whose first tangent is one
+        column per direction ("sparse": values (n, b) and the column of each direction).
+        ``lower`` (with ``unit``): only the rows from the first direction's index on are
+        needed (the rest follows by symmetry): the backward pass stops at the unit's layer
+        and computes its weight rows from the first direction's row on."""
+        a, s1, s2, delta, e = c["a"], c["s1"], c["s2"], c["delta"], c["e"]
+        L, n = self.L, a[0].shape[0]
+        dev, dt = a[0].device, a[0].dtype
+        smooth = [act != "relu" for act in self.acts]
+        if unit is not None:
+            l0, kind, idx = unit
+            bsz = idx.numel()
+            ar = torch.arange(bsz, device=dev)
+            if kind == "W":
+                urows, ucols = idx // self.W[l0].shape[1], idx % self.W[l0].shape[1]
+            else:
+                urows, ucols = idx, None
+        else:
+            l0 = -1
+            bsz = next(t.shape[0] for t in dW + db if t is not None)
+        Ra: list = [None] * L   # dense (n, b, in_l) or ("sparse", vals (n, b), cols (b,))
+        Rz: list = [None] * L   # kept only where a smooth activation needs it
+        for l in range(L):
+            out_l, in_l = self.W[l].shape
+            if l == l0:  # sparse first tangent: column urows[k] of direction k
+                vals = a[l][:, ucols] if kind == "W" else torch.ones(n, bsz, dtype=dt, device=dev)
+                if l == L - 1:
+                    rz = torch.zeros(n, bsz, out_l, dtype=dt, device=dev)
+                    rz[:, ar, urows] = vals
+                else:
+                    if smooth[l]:
+                        Rz[l] = ("sparse", vals, urows)
+                    Ra[l + 1] = ("sparse", vals * s1[l][:, urows], urows)
+                    continue
+            else:
+                rz = None
+                ra = Ra[l]
+                if isinstance(ra, tuple):  # sparse: Rz[:, k] = vals[:, k] * W[:, col_k]
+                    rz = ra[1][:, :, None] * self.W[l][:, ra[2]].T[None]
+                elif ra is not None:
+                    rz = (ra.reshape(n * bsz, in_l) @ self.W[l].T).view(n, bsz, out_l)
+                if dW[l] is not None:  # a_l dW^T for all directions: one GEMM
+                    t = (a[l] @ dW[l].permute(2, 0, 1).reshape(in_l, bsz * out_l)).view(n, bsz, out_l)
+                    rz = t if rz is None else rz.add_(t)
+                if db[l] is not None:
+                    rz = db[l][None].expand(n, bsz, out_l).clone() if rz is None else rz.add_(db[l][None])
+                if rz is None:
+                    continue
+            if l == L - 1:
+                Rz[l] = rz
+            else:
+                if smooth[l]:
+                    Rz[l] = rz
+                    Ra[l + 1] = rz * s1[l][:, None, :]
+                else:
+                    Ra[l + 1] = rz.mul_(s1[l][:, None, :])
+        Rd = None if Rz[L - 1] is None else self._hout(c, Rz[L - 1])
+        gW: list = [None] * L
+        gb: list = [None] * L
+        for l in range(L - 1, -1, -1):
+            out_l, in_l = self.W[l].shape
+            g = None
+            if lower and l == l0 and Rd is not None:
+                gb[l] = Rd.sum(0)
+                if kind == "b":
+                    break
+                o_min = int(urows.min())  # rows before it are not needed (symmetry)
+                part = Rd[:, :, o_min:].reshape(n, bsz * (out_l - o_min))
+                g = torch.zeros(bsz, out_l, in_l, dtype=dt, device=dev)
+                g[:, o_min:, :] = (a[l].T @ part).view(in_l, bsz, out_l - o_min).permute(1, 2, 0)
+                gW[l] = g
+                break
+            if Rd is not None:  # Rdelta^T a_l
+                g = (a[l].T @ Rd.reshape(n, bsz * out_l)).view(in_l, bsz, out_l).permute(1, 2, 0)
+                gb[l] = Rd.sum(0)
+            ra = Ra[l]
+            if isinstance(ra, tuple):  # delta_l^T Ra_l: one column per direction
+                m = delta[l].T @ ra[1]  # (out, b)
+                g = torch.zeros(bsz, out_l, in_l, dtype=dt, device=dev) if g is None else g.contiguous()
+                g[torch.arange(bsz, device=dev), :, ra[2]] += m.T
+            elif ra is not None:
+                t = (delta[l].T @ ra.reshape(n, bsz * in_l)).view(out_l, bsz, in_l).transpose(0, 1)
+                g = t if g is None else g + t
+            gW[l] = g
+            if l == 0:
+                break
+            re = None
+            if Rd is not None:
+                re = (Rd.reshape(n * bsz, out_l) @ self.W[l]).view(n, bsz, in_l)
+            if dW[l] is not None:  # delta_l dW_l
+                t = (delta[l] @ dW[l].transpose(0, 1).reshape(out_l, bsz * in_l)).view(n, bsz, in_l)
+                re = t if re is None else re.add_(t)
+            if l == l0 and kind == "W":  # delta_l dW_l for identity directions
+                if re is None:
+                    re = torch.zeros(n, bsz, in_l, dtype=dt, device=dev)
+                re[:, ar, ucols] += delta[l][:, urows]
+            rd = None if re is None else re.mul_(s1[l - 1][:, None, :])
+            rz = Rz[l - 1]
+            if rz is not None:  # sigma'' e Rz (smooth activations only)
+                se = s2[l - 1] * e[l - 1]
+                if isinstance(rz, tuple):
+                    if rd is None:
+                        rd = torch.zeros(n, bsz, in_l, dtype=dt, device=dev)
+                    rd[:, torch.arange(bsz, device=dev), rz[2]] += se[:, rz[2]] * rz[1]
+                else:
+                    t = se[:, None, :] * rz
+                    rd = t if rd is None else rd.add_(t)
+            Rd = rd
+        return gW, gb
+
+    def products(self, dW: list, db: list, unit: tuple | None = None,
+                 lower: bool = False) -> tuple[list, list]:
+        """Summed over batches: per layer (H V)_W (b, out, in) and (H V)_b (b, out) (or None)."""
+        tot_W: list = [None] * self.L
+        tot_b: list = [None] * self.L
+        for c in self.cache:
+            gW, gb = self._one_batch(c, dW, db, unit, lower)
+            for l in range(self.L):
+                if gW[l] is not None:
+                    tot_W[l] = gW[l] if tot_W[l] is None else tot_W[l] + gW[l]
+                if gb[l] is not None:
+                    tot_b[l] = gb[l] if tot_b[l] is None else tot_b[l] + gb[l]
+        return tot_W, tot_b
+
+
 class HessianOperator:
     """The Hessian of the mean training loss as a linear operator: ``H @ v`` and ``H @ V``.
 
@@ -169,8 +447,14 @@ class HessianOperator:
             or a predicate on parameter names (e.g. ``lambda n: n.startswith("fc1")``).
         method: "double_backward" (reverse-over-reverse; with one batch the first-order graph
             is built once and reused by every product), "forward_over_reverse"
-            (``jvp(grad)``, vmapped over blocks), or "auto": the faster of the two, timed on
-            the first product of each kind (single vector / block) and then kept.
+            (``jvp(grad)``, vmapped over blocks), "linear_chain" (closed-form R-op for
+            ``Linear (act Linear)*`` models with ReLU/Tanh/Sigmoid: forward and backward
+            quantities cached per batch, a block of vectors as a few large GEMMs per layer;
+            see :func:`_linear_chain` for the recognised models), or "auto": "linear_chain"
+            when the model is such a chain (rule: it never traverses an autograd graph and
+            is the fastest here, see bench/bench_lanczos.py), otherwise the faster of the two
+            autograd methods, timed on the first product of each kind (single vector /
+            block) and then kept.
         dtype: dtype of the Hessian (float32/float64). When it differs from the model's, the
             products are computed on a copy of the model (and of the floating inputs) cast to
             it. Default: the model's parameter dtype.
@@ -230,8 +514,27 @@ class HessianOperator:
         self.weights = [x.shape[0] / self.num_samples for x, _ in self.batches]
         self.method = method
         self.methods_used: dict[str, str] = {}
-        if method != "auto":
-            self.methods_used = {"single": method, "block": method}
+        self._chain_spec = _linear_chain(model)
+        if self._chain_spec is not None:
+            d_in = self._chain_spec[0][0].in_features
+            flat_ok = all(x.is_floating_point() and x[0].numel() == d_in and
+                          (x.dim() == 2 or type(model) is not nn.Sequential or
+                           type(model[0]) is nn.Flatten) for x, _ in self.batches)
+            if not flat_ok:
+                self._chain_spec = None
+        if method == "linear_chain" and self._chain_spec is None:
+            raise ValueError(
+                f"{fn}: expected a Linear/activation chain for method='linear_chain' (an nn.Sequential "
+                "of [Flatten,] Linear, ReLU|Tanh|Sigmoid, ..., Linear, or a boundary MLP), got "
+                f"{type(model).__name__}"
+            )
+        if method == "auto" and self._chain_spec is not None:
+            method_fixed = "linear_chain"
+        else:
+            method_fixed = None if method == "auto" else method
+        if method_fixed is not None:
+            self.methods_used = {"single": method_fixed, "block": method_fixed}
+        self._chain = None  # _ChainHVP, built on first use
         self.num_matvecs = 0
         self._graph = None  # (params list, grads) of the single batch, built on first use
 
@@ -314,7 +617,73 @@ class HessianOperator:
         self.num_matvecs += rows.shape[0] * (len(times) - 1)
         return outs[best]
 
+    def _chain_engine(self) -> _ChainHVP:
+        if self._chain is None:
+            layers, acts = self._chain_spec
+            self._chain = _ChainHVP(layers, acts, self.batches, self.weights, self.loss_fn, self.dtype)
+            where = {}
+            for l, lin in enumerate(layers):
+                where[id(lin.weight)] = (l, "W")
+                if lin.bias is not None:
+                    where[id(lin.bias)] = (l, "b")
+            named = dict(self.model.named_parameters())
+            self._chain_where = [where[id(named[n])] for n in self.names]
+        return self._chain
+
+    def _chain_products(self, parts: list | None, b: int, unit: tuple | None = None,
+                        lower: bool = False) -> torch.Tensor:
+        eng = self._chain_engine()
+        dW: list = [None] * eng.L
+        db: list = [None] * eng.L
+        if parts is not None:
+            for (l, kind), t in zip(self._chain_where, parts):
+                (dW if kind == "W" else db)[l] = t
+        gW, gb = eng.products(dW, db, unit, lower)
+        out = []
+        for (l, kind), shape in zip(self._chain_where, self.shapes):
+            t = gW[l] if kind == "W" else gb[l]
+            out.append(torch.zeros(b, *shape, dtype=self.dtype, device=self.device) if t is None else t)
+        return self._join(out, b)
+
+    def columns(self, j0: int, j1: int, lower: bool = False) -> torch.Tensor:
+        """``H[:, j0:j1]`` as a ``(p, j1 - j0)`` tensor (products with identity columns).
+
+        Args:
+            j0, j1: column range, ``0 <= j0 < j1 <= p``.
+            lower: only rows ``>= j0`` are needed (the caller fills the rest by symmetry).
+                With the "linear_chain" method this skips the backward pass below the
+                columns' layer; rows ``< j0`` are then unspecified. Other methods ignore it.
+
+        Returns:
+            ``(p, j1 - j0)``. Counted in ``num_matvecs``.
+        """
+        if not (0 <= j0 < j1 <= self.dim):
+            raise ValueError(f"hbk.HessianOperator.columns: expected 0 <= j0 < j1 <= {self.dim}, got {j0}, {j1}")
+        if self.methods_used.get("block") == "linear_chain":
+            self.num_matvecs += j1 - j0
+            self._chain_engine()
+            blocks, off = [], 0
+            for i, numel in enumerate(self.numels):
+                lo, hi = max(j0, off), min(j1, off + numel)
+                if lo < hi:
+                    l, kind = self._chain_where[i]
+                    idx = torch.arange(lo - off, hi - off, device=self.device)
+                    blocks.append(self._chain_products(None, hi - lo, (l, kind, idx), lower))
+                off += numel
+            return torch.cat(blocks).t()
+        E = torch.zeros(j1 - j0, self.dim, dtype=self.dtype, device=self.device)
+        E[torch.arange(j1 - j0), torch.arange(j0, j1)] = 1
+        return self.matvec(E.t())
+
+    @property
+    def exploits_symmetry(self) -> bool:
+        """Whether :meth:`columns` with ``lower=True`` saves work (the "linear_chain" method)."""
+        return self.methods_used.get("block") == "linear_chain"
+
     def _products(self, method: str, rows: torch.Tensor) -> torch.Tensor:
+        if method == "linear_chain":
+            b = rows.shape[0]
+            return self._chain_products(list(self._split(rows).values()), b)
         if method == "double_backward":
             if len(self.batches) == 1:
                 params, grads = self._first_order_graph()
@@ -479,7 +848,9 @@ def exact_hessian(
     """The exact ``(p, p)`` Hessian, assembled from block HVPs on identity column chunks.
 
     Column chunk ``[c0, c1)`` is ``H @ I[:, c0:c1]`` (one block product), never one backward
-    pass per parameter; the result is symmetrised, ``(H + H^T) / 2``, tile by tile.
+    pass per parameter. With the "linear_chain" method only the lower triangle is computed
+    (the backward pass stops at each chunk's layer) and mirrored; otherwise the result is
+    symmetrised, ``(H + H^T) / 2``, tile by tile.
 
     Args:
         model, loss_fn, data, params, method: as for :class:`HessianOperator`.
@@ -514,19 +885,38 @@ def exact_hessian(
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{fn}: expected chunk_size to be a positive int, got {chunk_size!r}")
     H = torch.empty(p, p, dtype=op.dtype, device=op.device)
-    starts = range(0, p, chunk_size)
+    # Chunks never straddle two parameters (an identity chunk then stays in one layer).
+    bounds = np.cumsum([0] + op.numels).tolist()
+    chunks = [(c0, min(c0 + chunk_size, b1)) for b0, b1 in zip(bounds[:-1], bounds[1:])
+              for c0 in range(b0, b1, chunk_size)]
+    lower = op.exploits_symmetry
     if not quiet:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc=fn, unit="chunk")
-    for c0 in starts:
-        c1 = min(p, c0 + chunk_size)
-        E = torch.zeros(p, c1 - c0, dtype=op.dtype, device=op.device)
-        E[torch.arange(c0, c1), torch.arange(c1 - c0)] = 1
-        H[:, c0:c1] = op.matvec(E)
+        chunks = tqdm(chunks, desc=fn, unit="chunk")
+    for c0, c1 in chunks:
+        if lower:
+            H[c0:, c0:c1] = op.columns(c0, c1, lower=True)[c0:]
+        else:
+            H[:, c0:c1] = op.columns(c0, c1)
     op.release()
-    _symmetrize_(H)
+    if lower:
+        _mirror_lower_(H)
+    else:
+        _symmetrize_(H)
     return H
+
+
+def _mirror_lower_(H: torch.Tensor, tile: int = 1024) -> None:
+    """``H[i, j] <- H[j, i]`` for ``i < j`` (copy the lower triangle up), tile by tile."""
+    p = H.shape[0]
+    for i0 in range(0, p, tile):
+        i1 = min(p, i0 + tile)
+        d = H[i0:i1, i0:i1]
+        d.copy_(torch.tril(d) + torch.tril(d, -1).t())
+        for j0 in range(i1, p, tile):
+            j1 = min(p, j0 + tile)
+            H[i0:i1, j0:j1] = H[j0:j1, i0:i1].t()
 
 
 def _symmetrize_(H: torch.Tensor, tile: int = 1024) -> None:

@@ -64,7 +64,7 @@ auto run_without_gil(F&& body) -> decltype(body()) {
 
 py::dict lanczos(const py::object& matvec, const at::Tensor& start, int64_t k,
                  const std::string& which, double tol, int64_t ncv, int64_t max_matvecs,
-                 int64_t block_size, bool store_products, uint64_t seed,
+                 int64_t block_size, bool store_products, bool reorth_twice, uint64_t seed,
                  const py::object& progress) {
   LanczosOptions opts;
   opts.k = k;
@@ -75,6 +75,7 @@ py::dict lanczos(const py::object& matvec, const at::Tensor& start, int64_t k,
   opts.block_size = block_size;
   opts.store_products = store_products;
   opts.seed = seed;
+  opts.reorth_twice = reorth_twice;
   BlockMatvec op = make_matvec(matvec, "hbk.lanczos");
   LanczosMonitor monitor = make_monitor(progress);
   LanczosOutput out =
@@ -86,6 +87,7 @@ py::dict lanczos(const py::object& matvec, const at::Tensor& start, int64_t k,
   d["converged"] = out.converged;
   d["num_matvecs"] = out.num_matvecs;
   d["num_restarts"] = out.num_restarts;
+  d["reorth_passes"] = out.reorth_passes;
   d["matvec_seconds"] = out.matvec_seconds;
   d["total_seconds"] = out.total_seconds;
   return d;
@@ -104,7 +106,7 @@ py::tuple lanczos_tridiagonal_py(const py::object& matvec, const at::Tensor& sta
 void init_lanczos(py::module_& m) {
   m.def("lanczos", &lanczos, py::arg("matvec"), py::arg("start"), py::arg("k"),
         py::arg("which"), py::arg("tol"), py::arg("ncv"), py::arg("max_matvecs"),
-        py::arg("block_size"), py::arg("store_products"), py::arg("seed"), py::arg("progress"),
+        py::arg("block_size"), py::arg("store_products"), py::arg("reorth_twice"), py::arg("seed"), py::arg("progress"),
         "Thick-restart block Lanczos (C++ driver); use hbkernels.lanczos instead.");
   m.def("lanczos_tridiagonal", &lanczos_tridiagonal_py, py::arg("matvec"), py::arg("start"),
         py::arg("steps"), py::arg("progress"),

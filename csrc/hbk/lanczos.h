@@ -40,6 +40,11 @@ struct LanczosOptions {
   int64_t block_size = 1;    // vectors per operator call
   bool store_products = true;  // keep A V (2x basis memory) for exact residuals, no extra calls
   uint64_t seed = 0;         // random vectors used when the Krylov space is exhausted
+  // Gram-Schmidt against the basis: two full passes always (true), or (false) the local
+  // recurrence terms first (a GEMM with the current and previous block, or with all kept
+  // Ritz vectors after a restart), then one full pass, and a second one only when the full
+  // pass cancels, |w'| < |w| / sqrt(2) (DGKS criterion).
+  bool reorth_twice = false;
 };
 
 struct LanczosOutput {
@@ -49,6 +54,7 @@ struct LanczosOutput {
   at::Tensor converged;      // (k,) bool host
   int64_t num_matvecs = 0;   // single-vector products, including any residual recomputation
   int64_t num_restarts = 0;
+  int64_t reorth_passes = 0;  // Gram-Schmidt passes against the basis (one or two per call)
   double matvec_seconds = 0;  // time inside the operator
   double total_seconds = 0;
 };
@@ -61,6 +67,9 @@ struct LanczosOutput {
 ///   tol * max(|theta_i|, |theta_1|), theta_1 being the most wanted Ritz value. Converged
 ///   pairs are locked (kept in V, dropped from T); when the basis is full it restarts from
 ///   the wanted Ritz vectors (thick restart), keeping about half of the basis.
+///   Full reorthogonalisation: every new block is orthogonalised against the whole basis
+///   (locked vectors included) by classical Gram-Schmidt as GEMMs, twice (reorth_twice) or
+///   after the local recurrence terms with a second pass only when needed (reorth_twice).
 /// Args:
 ///   op: the operator (see BlockMatvec).
 ///   start: (dim, b) or (dim,) start block, float32/float64, any device; fixes the basis
@@ -68,8 +77,8 @@ struct LanczosOutput {
 ///   opts: see LanczosOptions.
 ///   monitor: optional, see LanczosMonitor.
 /// Returns: LanczosOutput; pairs not converged within max_matvecs have converged == false.
-/// Complexity per operator call of b vectors: the call, plus 4 (b x m x dim) GEMMs for two
-///   Gram-Schmidt passes against the m basis vectors; per restart one (m x m x dim) GEMM
+/// Complexity per operator call of b vectors: the call, plus 2 or 4 (b x m x dim) GEMMs for one
+///   or two Gram-Schmidt passes against the m basis vectors; per restart one (m x m x dim) GEMM
 ///   and an O(m^3) host eigensolve.
 /// Memory: (ncv + b) x dim basis, twice that with store_products.
 LanczosOutput thick_restart_lanczos(const BlockMatvec& op, const at::Tensor& start,
