@@ -650,9 +650,11 @@ class HessianOperator:
 
         Args:
             j0, j1: column range, ``0 <= j0 < j1 <= p``.
-            lower: only rows ``>= j0`` are needed (the caller fills the rest by symmetry).
-                With the "linear_chain" method this skips the backward pass below the
-                columns' layer; rows ``< j0`` are then unspecified. Other methods ignore it.
+            lower: only the entries on and below the diagonal (rows ``i >= j`` of column
+                ``j``) are needed; the caller fills the rest by symmetry. With the
+                "linear_chain" method this skips the backward pass below each column's layer
+                and the entries above the diagonal are then unspecified. Other methods ignore
+                it.
 
         Returns:
             ``(p, j1 - j0)``. Counted in ``num_matvecs``.

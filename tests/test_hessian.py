@@ -356,3 +356,70 @@ def test_matvec_errors_propagate_through_hessian_eigs() -> None:
 
     with pytest.raises(ArithmeticError, match="loss exploded"):
         hbk.hessian_eigs(model, bad_loss, (X, y), k=2, method="double_backward")
+
+
+# ----------------------------------------------------------------------------- linear chains
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh, nn.Sigmoid])
+def test_linear_chain_matches_reference(act) -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 9), act(), nn.Linear(9, 5), act(), nn.Linear(5, 3)).double()
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(19, 2, 3, generator=g, dtype=torch.float64)  # flattened by the model
+    y = torch.randint(0, 3, (19,), generator=g)
+    batches = [(X[:7], y[:7]), (X[7:], y[7:])]
+    H = reference_hessian(model, F.cross_entropy, batches)
+    op = hbk.HessianOperator(model, F.cross_entropy, batches)
+    assert op.methods_used == {"single": "linear_chain", "block": "linear_chain"}
+    V = torch.randn(op.dim, 4, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(op.matvec(V), H @ V, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(op.matvec(V[:, 1]), H @ V[:, 1], atol=1e-12, rtol=1e-10)
+    # identity columns, full and lower-triangle-only, and the assembled matrix
+    torch.testing.assert_close(op.columns(3, 70), H[:, 3:70], atol=1e-12, rtol=1e-10)
+    low = op.columns(60, 95, lower=True)  # spans b1 and W2: the lower triangle is exact
+    torch.testing.assert_close(torch.tril(low[60:]), torch.tril(H[60:, 60:95]), atol=1e-12, rtol=1e-10)
+    Hx = hbk.exact_hessian(model, F.cross_entropy, batches, chunk_size=17)
+    torch.testing.assert_close(Hx, H, atol=1e-12, rtol=1e-10)
+    assert torch.equal(Hx, Hx.T)
+
+
+def test_linear_chain_boundary_mlp_filter_and_float32() -> None:
+    from hbkernels.boundary.models import FNN2Layer
+
+    torch.manual_seed(0)
+    model = FNN2Layer(2, (13, 11), 3)
+    X, y = gauss_data(30)
+    ref_model = FNN2Layer(2, (13, 11), 3).double()
+    ref_model.load_state_dict(model.state_dict())
+    H = reference_hessian(ref_model, F.cross_entropy, [(X.double(), y)])
+    op = hbk.HessianOperator(model, F.cross_entropy, (X, y))
+    assert op.methods_used["block"] == "linear_chain" and op.dtype == torch.float32
+    Hx = hbk.exact_hessian(model, F.cross_entropy, (X, y))
+    assert Hx.dtype == torch.float32
+    torch.testing.assert_close(Hx.double(), H, atol=1e-6, rtol=1e-4)
+    H64 = hbk.exact_hessian(model, F.cross_entropy, (X, y), dtype=torch.float64)
+    torch.testing.assert_close(H64, H, atol=1e-12, rtol=1e-9)
+    # one layer (fc2) by name; rows and columns of the full Hessian
+    names = [n for n, _ in ref_model.named_parameters()]
+    sizes = [p.numel() for p in ref_model.parameters()]
+    off = np.cumsum([0] + sizes)
+    sel = [i for i, n in enumerate(names) if n.startswith("fc2")]
+    idx = torch.cat([torch.arange(off[i], off[i + 1]) for i in sel])
+    Hs = hbk.exact_hessian(model, F.cross_entropy, (X, y), dtype=torch.float64, params=lambda n: n.startswith("fc2"))
+    torch.testing.assert_close(Hs, H[idx][:, idx], atol=1e-12, rtol=1e-9)
+    res = hbk.hessian_eigs(model, F.cross_entropy, (X, y), k=3, hvp_dtype=torch.float64, tol=1e-10, seed=0)
+    torch.testing.assert_close(res.eigenvalues, torch.linalg.eigvalsh(H).flip(0)[:3], atol=1e-9, rtol=1e-9)
+
+
+def test_linear_chain_not_used_for_other_models() -> None:
+    model = SmallCNN().double()
+    X = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0])
+    assert hbk.HessianOperator(model, F.cross_entropy, (X, y)).methods_used == {}
+    with pytest.raises(ValueError, match="expected a Linear/activation chain for method='linear_chain'"):
+        hbk.HessianOperator(model, F.cross_entropy, (X, y), method="linear_chain")
+    seq = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)).double()  # unsupported activation
+    Xs, ys = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1])
+    op = hbk.HessianOperator(seq, F.cross_entropy, (Xs, ys))
+    assert op.methods_used == {}
+    H = reference_hessian(seq, F.cross_entropy, [(Xs, ys)])
+    torch.testing.assert_close(hbk.exact_hessian(seq, F.cross_entropy, (Xs, ys)), H, atol=1e-12, rtol=1e-9)
