@@ -19,13 +19,14 @@ then one GEMM and the norms), ``backpack`` (BackPACK BatchGrad, then the GEMM), 
 (Opacus GradSampleModule, then the GEMM), ``matmul`` (the machine limit: one torch.matmul
 (n, p) @ (p, k) with G given for free, i.e. the same FLOPs as the alignment).
 
-Each (case, method) runs in a fresh subprocess. Time: the median of several calls after one
-warm-up call. Memory: the process's peak RSS while the method runs (VmHWM reset after set-up),
-reported in total and above the RSS after set-up. Where a method would not fit or take too long,
-it is timed on a subset of ``n_sub`` samples and scaled by n / n_sub (time; memory above set-up
-linearly), flagged ``extrapolated`` in the table.
+Each (case, method) runs in a fresh subprocess, once per ``--threads`` value. Time: the median
+(and the min) of several calls after one warm-up call. Memory: the process's peak RSS while the method runs (VmHWM reset after set-up),
+reported in total and above the RSS after set-up. Where a method would not fit (a dense G above
+half of the free memory, e.g. 10.8 GB for mlp784) or take too long (the paper's loop on large
+n), it is timed on a subset of ``n_sub`` samples and scaled by n / n_sub (time; memory above
+set-up linearly), shown by "measured on n" < n in the table.
 
-Usage: python bench/bench_alignment.py [--quick] [--only CASE ...]
+Usage: python bench/bench_alignment.py [--quick] [--only CASE ...] [--threads 1 2]
 """
 
 from __future__ import annotations
@@ -62,14 +63,16 @@ CASES: dict[str, tuple[int, list[tuple[str, int, list[str]]]]] = {
 QUICK_N = {"gauss1k": 300, "grid200": 2500, "mlp784": 1000, "allp": 20, "gram4096": 512}
 # Subsets for the methods that are too slow (paper loop) or too large (dense G of 10.8 GB).
 SUBSET = {
-    ("grid200", "paper"): 2000,
-    ("mlp784", "paper"): 500,
+    ("grid200", "paper"): 1000,
+    ("mlp784", "paper"): 200,
     ("mlp784", "vmap"): 1000,
     ("mlp784", "backpack"): 1000,
     ("mlp784", "opacus"): 1000,
     ("mlp784", "matmul"): 1000,
     ("allp", "paper"): 2,
 }
+PARAMS = {"gauss1k": 10_703, "grid200": 10_703, "mlp784": 269_322, "allp": 10_703,
+          "gram4096": 10_703}
 ANCHOR_PACKAGES = {"backpack": "backpack", "opacus": "opacus"}
 
 
@@ -261,7 +264,8 @@ def worker(spec: dict) -> dict:
             call()
             times.append(time.perf_counter() - t0)
     peak = hwm_bytes()
-    return {"seconds": statistics.median(times), "repeats": repeats, "n_run": n_run,
+    return {"seconds": statistics.median(times), "min_seconds": min(times),
+            "repeats": repeats, "n_run": n_run,
             "peak_mb": peak / 2**20, "extra_mb": max(0, peak - rss0) / 2**20,
             "base_mb": rss0 / 2**20, "p": p}
 
@@ -295,9 +299,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small n (a smoke run)")
     ap.add_argument("--only", nargs="*", default=None, help="cases to run")
     ap.add_argument("--repeats", type=int, default=7, help="timed calls at most")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads in every worker (default 1: on 2 cores shared with "
-                         "other jobs, 2-thread timings of small ops vary 10-20x)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                    help="torch threads in the workers; every case runs once per value "
+                         "(1: stable; 2: both cores, but on a shared machine small ops stall "
+                         "in OpenMP barriers, so medians vary 10x: the min is shown too)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -305,76 +310,91 @@ def main() -> None:
         return
 
     rows, skipped = [], []
-    for case, (n, runs) in CASES.items():
-        if args.only and case not in args.only:
-            continue
-        n = QUICK_N[case] if args.quick else n
-        for kind, k, methods in runs:
-            for method in methods:
-                pkg = ANCHOR_PACKAGES.get(method)
-                if pkg and not have(pkg):
-                    msg = f"{case} {kind} k={k} {method}: skipped ({pkg} is not installed)"
-                    print(msg, flush=True)
-                    skipped.append(msg)
-                    continue
-                n_sub = SUBSET.get((case, method))
-                n_sub = min(n_sub, n) if n_sub else None
-                spec = {"case": case, "kind": kind, "method": method, "k": k, "n": n,
-                        "n_sub": n_sub, "repeats": args.repeats, "threads": args.threads}
-                r = run_one(spec)
-                scale = n / r["n_run"]
-                row = {"case": case, "op": kind if kind == "gram" else f"align k={k}",
-                       "n": n, "p": r["p"], "method": method,
-                       "seconds": r["seconds"] * scale,
-                       "peak_mb": r["base_mb"] + r["extra_mb"] * (scale if method != "paper"
-                                                                  else 1.0),
-                       "extra_mb": r["extra_mb"] * (scale if method != "paper" else 1.0),
-                       "measured_n": r["n_run"], "repeats": r["repeats"],
-                       "extrapolated": scale != 1.0}
-                rows.append(row)
-                print(f"{case} {row['op']} {method}: {row['seconds']:.4g} s, "
-                      f"peak {row['peak_mb']:.0f} MB"
-                      f"{' (extrapolated from n=%d)' % r['n_run'] if scale != 1 else ''}",
-                      flush=True)
-    # Ratios against hbk in the same (case, op).
-    by = {(r["case"], r["op"], r["method"]): r for r in rows}
+    for threads in args.threads:
+        for case, (n, runs) in CASES.items():
+            if args.only and case not in args.only:
+                continue
+            n = QUICK_N[case] if args.quick else n
+            for kind, k, methods in runs:
+                for method in methods:
+                    row = run_row(case, n, kind, k, method, threads, args.repeats, skipped)
+                    if row:
+                        rows.append(row)
+    # Ratios against hbk in the same (threads, case, op).
+    by = {(r["threads"], r["case"], r["op"], r["method"]): r for r in rows}
     for r in rows:
-        h = by.get((r["case"], r["op"], "hbk"))
+        h = by.get((r["threads"], r["case"], r["op"], "hbk"))
         r["hbk_speedup"] = r["seconds"] / h["seconds"] if h else None
-        r["hbk_mem_ratio"] = r["peak_mb"] / h["peak_mb"] if h else None
-    targets = evaluate_targets(by, args.quick)
-    cols = [("case", "case"), ("op", "op"), ("n", "n"), ("method", "method"),
-            ("seconds", "time s"), ("hbk_speedup", "time / hbk"), ("peak_mb", "peak RSS MB"),
+    targets = [t for threads in args.threads for t in evaluate_targets(by, threads)]
+    cols = [("threads", "threads"), ("case", "case"), ("op", "op"), ("n", "n"),
+            ("method", "method"), ("seconds", "median s"), ("min_seconds", "min s"),
+            ("hbk_speedup", "median / hbk"), ("peak_mb", "peak RSS MB"),
             ("extra_mb", "above set-up MB"), ("measured_n", "measured on n"),
             ("repeats", "runs")]
     table = H.markdown_table(rows, cols)
-    ttable = H.markdown_table(targets, [("target", "target"), ("value", "measured"),
-                                        ("met", "met")])
+    ttable = H.markdown_table(targets, [("threads", "threads"), ("target", "target"),
+                                        ("value", "measured (median)"), ("met", "met")])
     meta = H.machine_meta() | {
         "quick": args.quick,
         "threads": args.threads,
-        "note": "2 shared cores, other developers' jobs running: timings are noisy. Rows with "
+        "command": "python bench/bench_alignment.py " + " ".join(sys.argv[1:]),
+        "note": "2 cores shared with other developers' jobs: timings are noisy. Rows with "
                 "'measured on n' < n are scaled by n / measured (time; memory above set-up "
-                "linearly, except the paper loop whose memory does not grow with n).",
+                "linearly, except the paper loop whose memory does not grow with n). "
+                "Targets use medians.",
         "skipped": skipped,
     }
     name = "alignment" + ("_quick" if args.quick else "")
-    H.save_results(name, rows + [{"targets": targets}], table + "\n\n## Targets\n\n" + ttable,
-                   meta)
+    H.save_results(name, rows + [{"targets": targets}],
+                   table + "\n\n## Targets\n\n" + ttable, meta)
     print(table)
     print()
     print(ttable)
 
 
-def evaluate_targets(by: dict, quick: bool) -> list[dict]:
+def run_row(case, n, kind, k, method, threads, repeats, skipped) -> dict | None:
+    """Run one (case, method) worker and scale subset measurements to n."""
+    pkg = ANCHOR_PACKAGES.get(method)
+    if pkg and not have(pkg):
+        msg = f"{case} {kind} k={k} {method}: skipped ({pkg} is not installed)"
+        print(msg, flush=True)
+        if msg not in skipped:
+            skipped.append(msg)
+        return None
+    n_sub = SUBSET.get((case, method))
+    n_sub = min(n_sub, n) if n_sub else None
+    if method in ("vmap", "backpack", "opacus") and not n_sub:
+        # Dense G plus per-sample temporaries: keep it below half of the free memory.
+        est_mb = 2.5 * n * PARAMS[case] * 4 / 2**20
+        if est_mb > 0.5 * available_mb():
+            n_sub = max(1, int(n * 0.5 * available_mb() / est_mb))
+    spec = {"case": case, "kind": kind, "method": method, "k": k, "n": n,
+            "n_sub": n_sub, "repeats": repeats, "threads": threads}
+    r = run_one(spec)
+    scale = n / r["n_run"]
+    mem_scale = scale if method != "paper" else 1.0
+    row = {"threads": threads, "case": case, "op": kind if kind == "gram" else f"align k={k}",
+           "n": n, "p": r["p"], "method": method,
+           "seconds": r["seconds"] * scale, "min_seconds": r["min_seconds"] * scale,
+           "peak_mb": r["base_mb"] + r["extra_mb"] * mem_scale,
+           "extra_mb": r["extra_mb"] * mem_scale,
+           "measured_n": r["n_run"], "repeats": r["repeats"], "extrapolated": scale != 1.0}
+    print(f"[{threads} thr] {case} {row['op']} {method}: {row['seconds']:.4g} s "
+          f"(min {row['min_seconds']:.4g}), peak {row['peak_mb']:.0f} MB"
+          f"{' (extrapolated from n=%d)' % r['n_run'] if scale != 1 else ''}", flush=True)
+    return row
+
+
+def evaluate_targets(by: dict, threads: int) -> list[dict]:
     out = []
 
     def get(case, op, method):
-        r = by.get((case, op, method))
+        r = by.get((threads, case, op, method))
         return r["seconds"] if r else None
 
     def add(name, value, ok):
-        out.append({"target": name, "value": value, "met": "yes" if ok else "no"})
+        out.append({"threads": threads, "target": name, "value": value,
+                    "met": "yes" if ok else "no"})
 
     for k in (25, 64):
         op = f"align k={k}"
@@ -394,8 +414,8 @@ def evaluate_targets(by: dict, quick: bool) -> list[dict]:
         add("allp (150 x all p): >= 1000x faster than the paper's loop", f"{pl / h:.0f}x",
             pl / h >= 1000)
     for k in (25, 64):
-        hr, vr = by.get(("mlp784", f"align k={k}", "hbk")), by.get(("mlp784", f"align k={k}",
-                                                                     "vmap"))
+        hr = by.get((threads, "mlp784", f"align k={k}", "hbk"))
+        vr = by.get((threads, "mlp784", f"align k={k}", "vmap"))
         if hr and vr:
             ratio = vr["peak_mb"] / hr["peak_mb"]
             add(f"mlp784 align k={k}: peak memory <= 1/10 of vmap + GEMM",
