@@ -50,6 +50,8 @@ def test_summary_and_ordering_checks_on_constructed_rows():
     c = E.ordering_checks(rows, s)
     adv = c["gauss"]["adversarial"]["G"]
     assert adv["normal_lower"] is True and adv["seeds_normal_lower"] == 1 and adv["pairs"] == 2
+    assert adv["paper_order_holds"] is True
+    assert c["checkerboard-linear"]["wide-margin"]["G"]["paper_order_holds"] is True  # wide lower
     assert c["gauss"]["adversarial"]["trace"]["normal_lower"] is False
     assert c["gauss"]["large-norm"]["G"]["pairs"] == 1  # the collapsed seed is left out
     m = c["checkerboard-linear"]["wide-margin"]["margin"]

@@ -454,11 +454,17 @@ def plot_embedding_alignment(
             axes[r, j].set_xticks([])
             axes[r, j].set_yticks([])
         if sc is not None:
-            fig.colorbar(sc, cax=axes[r, k + 1]).set_label("Alignment", fontsize=7)
+            cb = fig.colorbar(sc, cax=axes[r, k + 1])
+            cb.set_label("Alignment", fontsize=7)
+            cb.ax.tick_params(labelsize=6)
+        else:
+            axes[r, k + 1].set_axis_off()
         if spectra is not None:
             ax = axes[r, -1]
             ax.hist(_np(spectra[r]).reshape(-1), bins=200, density=True, log=True, color="#332288")
-            ax.tick_params(labelsize=6)
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.tick_params(labelsize=6, which="both")
+            ax.set_xlabel(r"$\lambda_i$", fontsize=7)
             if r == 0:
                 ax.set_title("eigenspectrum", fontsize=9)
     fig.tight_layout()
