@@ -8,7 +8,9 @@ per class (n = 1,000 gives 999 points). Model: hbkernels.boundary.models.FNN2Lay
 
 Eigen part (n = 999, k = 10 and 25, tol 1e-6, float64 Hessian unless a row says float32):
   * hbk.hessian_eigs: C++ thick-restart Lanczos with the closed-form "linear_chain" HVPs
-    (float64, and float32 = the model's own dtype), and with reorth="twice";
+    (float64, and float32 = the model's own dtype), with reorth="twice", and with a 1e4x
+    smaller tol (ARPACK converges further than asked; this row compares HVP counts at
+    ARPACK's accuracy);
   * scipy.sparse.linalg.eigsh (ARPACK), same tol, with (a) a plain HVP a user writes without
     hbk (torch.autograd.functional.hvp of the loss of the flat parameter vector) and (b) the
     same matvec as hbk (HessianOperator.to_scipy());
@@ -167,9 +169,11 @@ def eigen_rows(model64, model32, X, y, H64, truth, ks, args):
     for k in ks:
         for name, kwargs in [("hbk.hessian_eigs (float64 HVP)", dict(hvp_dtype=torch.float64)),
                              ("hbk.hessian_eigs (float32 HVP)", dict()),
-                             ("hbk.hessian_eigs reorth=twice", dict(hvp_dtype=torch.float64, reorth="twice"))]:
-            m = model32
-            r = hbk.hessian_eigs(m, F.cross_entropy, (X, y), k=k, tol=args.tol, seed=0, **kwargs)
+                             ("hbk.hessian_eigs reorth=twice", dict(hvp_dtype=torch.float64, reorth="twice")),
+                             (f"hbk.hessian_eigs tol {args.tol * 1e-4:g} (float64)",
+                              dict(hvp_dtype=torch.float64, tol=args.tol * 1e-4))]:
+            kwargs.setdefault("tol", args.tol)
+            r = hbk.hessian_eigs(model32, F.cross_entropy, (X, y), k=k, seed=0, **kwargs)
             add(name, k, r.num_matvecs, r.total_seconds, r.matvec_seconds, r.eigenvalues, r.eigenvectors,
                 f"restarts {r.num_restarts}, converged {int(r.converged.sum())}/{k}, HVP {r.extra['hvp_methods']}")
         for name, fn in [("eigsh + plain HVP", plain_hvp),
@@ -306,10 +310,17 @@ def main() -> None:
         h = "hbk.hessian_eigs (float64 HVP)"
         h32 = "hbk.hessian_eigs (float32 HVP)"
         best = min(get(h, k, "seconds"), get(h32, k, "seconds"))
+        tight = f"hbk.hessian_eigs tol {args.tol * 1e-4:g} (float64)"
+        arpack = "eigsh + hbk HessianOperator"
         targets += [
             {"target": f"k={k}: HVPs <= ARPACK (same tol)", "measured":
-             f"{get(h, k, 'hvps')} vs {get('eigsh + hbk HessianOperator', k, 'hvps')}",
-             "met": get(h, k, "hvps") <= get("eigsh + hbk HessianOperator", k, "hvps")},
+             f"{get(h, k, 'hvps')} vs {get(arpack, k, 'hvps')}",
+             "met": get(h, k, "hvps") <= get(arpack, k, "hvps")},
+            {"target": f"k={k}: HVPs <= ARPACK at ARPACK's accuracy", "measured":
+             f"{get(tight, k, 'hvps')} vs {get(arpack, k, 'hvps')} (eig err {get(tight, k, 'rel_eig_err'):.1e} "
+             f"vs {get(arpack, k, 'rel_eig_err'):.1e})",
+             "met": get(tight, k, "hvps") <= get(arpack, k, "hvps")
+             and get(tight, k, "rel_eig_err") <= 10 * get(arpack, k, "rel_eig_err")},
             {"target": f"k={k}: time outside HVPs <= 5 %", "measured":
              f"{get(h, k, 'outside_hvp'):.3f} (float64), {get(h32, k, 'outside_hvp'):.3f} (float32)",
              "met": get(h, k, "outside_hvp") <= 0.05},

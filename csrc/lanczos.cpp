@@ -201,7 +201,6 @@ class ThickRestartLanczos {
       solve_projected();
       if (all_wanted_converged()) {
         done = true;
-        converged_ = true;
       } else if (pending_ == 0) {
         // Complete basis: the Ritz pairs are exact up to rounding; nothing more to add.
         done = true;
@@ -267,8 +266,10 @@ class ThickRestartLanczos {
     at::Tensor W = apply_rows(op_, Q_, r0, bb, dim_, matvec_seconds_);
     num_mv_ += bb;
     if (P_.defined()) P_.narrow(0, r0, bb).copy_(W);
-    at::Tensor raw = at::linalg_vector_norm(W, 2, {1}, false, at::kDouble).max();
-    anorm_ = std::max(anorm_, raw.item<double>());
+    const double raw = at::linalg_vector_norm(W, 2, {1}, false, at::kDouble).max().item<double>();
+    TORCH_CHECK_VALUE(std::isfinite(raw),
+                      "hbk.lanczos: expected matvec to return finite values, got NaN or inf");
+    anorm_ = std::max(anorm_, raw);
     // Selective mode: first remove the local recurrence terms (this block and the previous
     // one, or every kept Ritz vector right after a restart) with a small GEMM, so that the
     // full pass sees only rounding-level components; the DGKS test then rarely asks for
@@ -475,7 +476,7 @@ class ThickRestartLanczos {
   std::vector<double> theta_, S_, est_;
   std::vector<int64_t> order_;
   double theta1_ = 0;
-  bool have_solution_ = false, converged_ = false, just_restarted_ = false;
+  bool have_solution_ = false, just_restarted_ = false;
   int64_t num_mv_ = 0, restarts_ = 0;
   double matvec_seconds_ = 0;
 };

@@ -13,7 +13,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from ._loader import load_extension
-from .lanczos import LanczosResult, _jsonable, lanczos, save_json
+from .lanczos import JsonResult, LanczosResult, lanczos
 from .params import trainable_parameters
 
 _C = load_extension()
@@ -132,7 +131,8 @@ def _as_batches(fn: str, data: Any) -> list[tuple[Any, torch.Tensor]]:
 
 def _select_params(fn: str, model: nn.Module, params: Any) -> list[str]:
     """Names (in model.parameters() order) of the parameters selected by ``params``."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trainable = {id(p) for p in trainable_parameters(model)}  # the one parameter order
+    named = [(n, p) for n, p in model.named_parameters() if id(p) in trainable]
     if params is None:
         names = [n for n, _ in named]
     elif callable(params) and not isinstance(params, nn.Parameter):
@@ -976,7 +976,7 @@ def hessian_spectrum(
 
 # ------------------------------------------------------------------------------ trace
 @dataclass
-class TraceResult:
+class TraceResult(JsonResult):
     """Stochastic trace estimate.
 
     Attributes:
@@ -993,12 +993,6 @@ class TraceResult:
     num_matvecs: int
     method: str
     num_probes: int
-
-    def to_dict(self) -> dict:
-        return _jsonable(dict(self.__dict__))
-
-    def save(self, path: str | Path) -> Path:
-        return save_json(self.to_dict(), path)
 
 
 def _rademacher(dim: int, m: int, gen: torch.Generator, dtype, device) -> torch.Tensor:
@@ -1076,7 +1070,7 @@ def hessian_trace(
 
 # ------------------------------------------------------------------------------ density
 @dataclass
-class SpectralDensity:
+class SpectralDensity(JsonResult):
     """Eigenvalue density from stochastic Lanczos quadrature.
 
     Attributes:
@@ -1095,12 +1089,6 @@ class SpectralDensity:
     weights: torch.Tensor
     sigma: float
     num_matvecs: int
-
-    def to_dict(self) -> dict:
-        return _jsonable(dict(self.__dict__))
-
-    def save(self, path: str | Path) -> Path:
-        return save_json(self.to_dict(), path)
 
 
 def spectral_density(

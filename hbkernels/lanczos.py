@@ -51,6 +51,18 @@ def save_json(obj: dict, path: str | Path) -> Path:
     return path
 
 
+class JsonResult:
+    """Mixin for result dataclasses: every field as JSON (tensors as nested lists)."""
+
+    def to_dict(self) -> dict:
+        """JSON-compatible dict of all fields."""
+        return _jsonable(dict(self.__dict__))
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`to_dict` as JSON to ``path``; returns the path."""
+        return save_json(self.to_dict(), path)
+
+
 @dataclass
 class LanczosResult:
     """Eigenpairs from :func:`lanczos` and how they were obtained.

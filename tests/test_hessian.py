@@ -91,6 +91,8 @@ def test_hvp_matches_reference(method: str, nbatches: int) -> None:
     torch.testing.assert_close(op @ V[:, 0], H @ V[:, 0], atol=1e-12, rtol=1e-10)
     assert op.num_matvecs >= 6
     assert set(op.methods_used) == {"single", "block"}
+    want = sum(F.cross_entropy(model(x), t).item() * len(t) for x, t in batches) / 23
+    assert op.loss() == pytest.approx(want, rel=1e-12)
 
 
 def test_hvp_float32_model_and_float64_operator() -> None:

@@ -224,6 +224,8 @@ def test_bad_matvec_results() -> None:
         hbk.lanczos(lambda v: torch.zeros(3, dtype=torch.float64), n, 2)
     with pytest.raises(ValueError, match=r"shape \(20, 2\)"):
         hbk.lanczos(lambda v: v[:, :1], n, 2, block_size=2)
+    with pytest.raises(ValueError, match="hbk.lanczos: expected matvec to return finite values, got NaN"):
+        hbk.lanczos(lambda v: v * float("nan"), n, 2)
 
 
 @pytest.mark.parametrize(
