@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness as Hn  # noqa: E402
+import _harness as Hn
 
 
 def gauss_mixture(n: int):
@@ -119,7 +119,6 @@ def power_iteration(hvp, dim: int, k: int, dtype, max_iter: int = 100, tol: floa
 
 def accuracy(H, theta, Y, truth):
     """(max relative eigenvalue error, max residual / |lambda_1|) against the exact matrix."""
-    import torch
 
     k = theta.numel()
     t = truth[:k]
@@ -167,11 +166,11 @@ def eigen_rows(model64, model32, X, y, H64, truth, ks, args):
               flush=True)
 
     for k in ks:
-        for name, kwargs in [("hbk.hessian_eigs (float64 HVP)", dict(hvp_dtype=torch.float64)),
-                             ("hbk.hessian_eigs (float32 HVP)", dict()),
-                             ("hbk.hessian_eigs reorth=twice", dict(hvp_dtype=torch.float64, reorth="twice")),
+        for name, kwargs in [("hbk.hessian_eigs (float64 HVP)", {"hvp_dtype": torch.float64}),
+                             ("hbk.hessian_eigs (float32 HVP)", {}),
+                             ("hbk.hessian_eigs reorth=twice", {"hvp_dtype": torch.float64, "reorth": "twice"}),
                              (f"hbk.hessian_eigs tol {args.tol * 1e-4:g} (float64)",
-                              dict(hvp_dtype=torch.float64, tol=args.tol * 1e-4))]:
+                              {"hvp_dtype": torch.float64, "tol": args.tol * 1e-4})]:
             kwargs.setdefault("tol", args.tol)
             r = hbk.hessian_eigs(model32, F.cross_entropy, (X, y), k=k, seed=0, **kwargs)
             add(name, k, r.num_matvecs, r.total_seconds, r.matvec_seconds, r.eigenvalues, r.eigenvectors,
@@ -199,7 +198,7 @@ def eigen_rows(model64, model32, X, y, H64, truth, ks, args):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             w, V = torch.lobpcg(H64, k=k, X=X0, largest=True, tol=args.tol, niter=args.lobpcg_iters,
-                                tracker=lambda s: iters.append(1))
+                                tracker=lambda s, it=iters: it.append(1))
         dt = time.perf_counter() - t0
         order = torch.argsort(w, descending=True)
         add("torch.lobpcg on the exact matrix", k, len(iters) * k, dt, None, w[order], V[:, order],
@@ -251,13 +250,11 @@ def main() -> None:
     ap.add_argument("--tol", type=float, default=1e-6)
     ap.add_argument("--rows", type=int, default=300, help="rows of the per-parameter loop timed")
     ap.add_argument("--lobpcg-iters", type=int, default=300)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for the timed comparisons (the ground truth uses torch's default)")
     args = ap.parse_args()
 
     import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     import torch.nn.functional as F
 
     import hbkernels as hbk
@@ -282,13 +279,16 @@ def main() -> None:
           f"lambda_1 {float(truth[0]):.4g}, lambda_{max(ks)} {float(truth[max(ks) - 1]):.4g}, "
           f"lambda_p {float(truth[-1]):.3g}")
 
-    print("eigenpairs:")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"eigenpairs ({torch.get_num_threads()} torch threads):")
     eig = eigen_rows(model64, model32, X, y, H64, truth, ks, args)
     del H64
     print("exact Hessian (float32):")
     ex = exact_rows(model32, ns, args)
 
-    meta = {**Hn.machine_meta(), "model": f"FNN2Layer(2, ({width}, {width}), 3)", "n": len(y),
+    meta = {**Hn.machine_meta(), "load_average_at_end": Path("/proc/loadavg").read_text().split()[:3],
+            "model": f"FNN2Layer(2, ({width}, {width}), 3)", "n": len(y),
             "p": int(truth.numel()), "tol": args.tol, "train": {"epochs": 200, "loss": loss, "accuracy": acc},
             "exact_float64_seconds": t_exact64, "eigvalsh_seconds": t_eigh,
             "lambda": [float(truth[0]), float(truth[max(ks) - 1])], "quick": args.quick,

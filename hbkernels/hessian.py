@@ -8,6 +8,7 @@ parameters, in ``model.parameters()`` order (each tensor flattened row-major).
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
 import time
@@ -29,13 +30,13 @@ _C = load_extension()
 __all__ = [
     "HessianOperator",
     "MatrixOperator",
-    "hessian_eigs",
+    "SpectralDensity",
+    "TraceResult",
     "exact_hessian",
+    "hessian_eigs",
     "hessian_spectrum",
     "hessian_trace",
     "spectral_density",
-    "TraceResult",
-    "SpectralDensity",
 ]
 
 _FLOATS = (torch.float32, torch.float64)
@@ -889,7 +890,7 @@ def exact_hessian(
     H = torch.empty(p, p, dtype=op.dtype, device=op.device)
     # Chunks never straddle two parameters (an identity chunk then stays in one layer).
     bounds = np.cumsum([0] + op.numels).tolist()
-    chunks = [(c0, min(c0 + chunk_size, b1)) for b0, b1 in zip(bounds[:-1], bounds[1:])
+    chunks = [(c0, min(c0 + chunk_size, b1)) for b0, b1 in itertools.pairwise(bounds)
               for c0 in range(b0, b1, chunk_size)]
     lower = op.exploits_symmetry
     if not quiet:

@@ -171,7 +171,7 @@ def test_hessian_eigs_paper_fnn_subsample() -> None:
     X, y = gauss_data(30, torch.float64)
     assert sum(p.numel() for p in model.parameters()) == 10703
     names = ["2.bias", "4.weight", "4.bias"]
-    sel = lambda n: n in names  # noqa: E731
+    sel = lambda n: n in names
     H = reference_hessian(model, F.cross_entropy, [(X, y)], names=names)
     Hx = hbk.exact_hessian(model, F.cross_entropy, (X, y), params=sel)
     torch.testing.assert_close(Hx, H, atol=1e-12, rtol=1e-9)

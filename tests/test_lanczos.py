@@ -231,22 +231,22 @@ def test_bad_matvec_results() -> None:
 @pytest.mark.parametrize(
     "kwargs, exc, msg",
     [
-        (dict(k=0), ValueError, r"expected k in \[1, 20\], got 0"),
-        (dict(k=21), ValueError, r"expected k in \[1, 20\], got 21"),
-        (dict(which="BE"), ValueError, "expected which to be one of"),
-        (dict(tol=0.0), ValueError, "expected tol > 0"),
-        (dict(dtype=torch.int64), TypeError, "expected dtype float32 or float64"),
-        (dict(ncv=2), ValueError, "expected k \\+ block_size <= ncv"),
-        (dict(block_size=21), ValueError, "expected block_size in"),
-        (dict(max_matvecs=0), ValueError, "expected max_matvecs >= 1"),
-        (dict(v0=torch.ones(5)), ValueError, r"expected v0 of shape \(20,\)"),
-        (dict(v0=torch.zeros(20)), ValueError, "nonzero, finite v0"),
-        (dict(k=2.0), TypeError, "expected k to be an int"),
+        ({"k": 0}, ValueError, r"expected k in \[1, 20\], got 0"),
+        ({"k": 21}, ValueError, r"expected k in \[1, 20\], got 21"),
+        ({"which": "BE"}, ValueError, "expected which to be one of"),
+        ({"tol": 0.0}, ValueError, "expected tol > 0"),
+        ({"dtype": torch.int64}, TypeError, "expected dtype float32 or float64"),
+        ({"ncv": 2}, ValueError, "expected k \\+ block_size <= ncv"),
+        ({"block_size": 21}, ValueError, "expected block_size in"),
+        ({"max_matvecs": 0}, ValueError, "expected max_matvecs >= 1"),
+        ({"v0": torch.ones(5)}, ValueError, r"expected v0 of shape \(20,\)"),
+        ({"v0": torch.zeros(20)}, ValueError, "nonzero, finite v0"),
+        ({"k": 2.0}, TypeError, "expected k to be an int"),
     ],
 )
 def test_input_validation(kwargs, exc, msg) -> None:
     A = torch.eye(20, dtype=torch.float64)
-    args = dict(k=2)
+    args = {"k": 2}
     args.update(kwargs)
     with pytest.raises(exc, match=msg):
         hbk.lanczos(lambda v: A @ v, 20, **args)
