@@ -86,7 +86,7 @@ std::vector<int64_t> wanted_order(const std::vector<double>& theta, Which which)
 // A X as a fresh (b, dim) row block (detached, basis dtype/device).
 at::Tensor apply_rows(const BlockMatvec& op, const at::Tensor& Q, int64_t r0, int64_t b,
                       int64_t dim, double& seconds) {
-  at::Tensor x = Q.narrow(0, r0, b).clone();  // the callee gets its own copy
+  at::Tensor x = Q.narrow(0, r0, b);  // a view of the basis: the callee must not modify it
   at::Tensor arg = b == 1 ? x.view({dim}) : x.t();
   auto t0 = Clock::now();
   at::Tensor y = op(arg);
@@ -238,7 +238,7 @@ class ThickRestartLanczos {
       }
       const double rho = at::linalg_vector_norm(w, 2, {}, false, at::kDouble).item<double>();
       if (rho > thresh && made < target) {
-        Q_.narrow(0, r0 + made, 1).copy_(w / rho);
+        Q_.narrow(0, r0 + made, 1).copy_(w).mul_(1.0 / rho);
         coupling_[made * bw + c] = rho;
         ++made;
       }

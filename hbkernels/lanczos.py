@@ -203,7 +203,8 @@ def lanczos(
 
     Args:
         matvec: ``A``: takes ``(dim,)`` (``block_size == 1``) or ``(dim, b)`` and returns the
-            same shape. Exceptions it raises reach the caller unchanged.
+            same shape. Its argument is a view of the Lanczos basis: read it, never modify it
+            in place or keep it. Exceptions it raises reach the caller unchanged.
         dim: order of ``A``.
         k: number of eigenpairs, ``1 <= k <= dim``.
         which: "LA" (largest algebraic), "SA" (smallest algebraic), "LM" (largest magnitude).

@@ -13,9 +13,10 @@
 
 namespace hbk {
 
-/// The linear operator: takes a (dim, b) block X (a fresh tensor the callee may keep or
-/// modify) and returns A X as a (dim, b) tensor (or (dim,) when b == 1); the result is cast
-/// to the basis dtype/device. Exceptions thrown here propagate unchanged out of the driver.
+/// The linear operator: takes a (dim, b) block X ((dim,) when b == 1), a read-only view of the
+/// basis that the callee must neither modify nor keep, and returns A X with the same shape
+/// (a (dim, 1) result is accepted for b == 1); the result is copied into the basis dtype and
+/// device. Exceptions thrown here propagate unchanged out of the driver.
 using BlockMatvec = std::function<at::Tensor(const at::Tensor&)>;
 
 /// Progress report, given to the monitor after every operator call.
