@@ -121,6 +121,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller shapes (a smoke run)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     ap.add_argument("--worker", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -129,7 +130,8 @@ def main() -> None:
 
     rows = []
     extra = ["--quick"] if args.quick else []
-    for case, (desc, methods) in CASES.items():
+    for case in args.cases:
+        desc, methods = CASES[case]
         res = {m: H.run_worker(__file__, case, m, *extra, "--repeats", str(args.repeats))
                for m in methods + ["matmul"]}
         n_by_n = 4 * (8192 if case.startswith("ghost") and not args.quick else 0) ** 2 / 2**20
@@ -152,7 +154,8 @@ def main() -> None:
     meta = H.machine_meta() | {"quick": args.quick, "repeats": args.repeats,
                                 "note": "GFLOP/s use the composite's nominal FLOPs; hbk.gram "
                                         "does about half of them (upper triangle only)"}
-    H.save_results("kernels" + ("_quick" if args.quick else ""), rows, table, meta)
+    if args.cases == list(CASES):
+        H.save_results("kernels" + ("_quick" if args.quick else ""), rows, table, meta)
     print(table)
 
 

@@ -20,8 +20,9 @@
 namespace hbk {
 namespace {
 
-constexpr int64_t kBlockBytes = 4 << 20;        // a row block of G: about L2/L3 sized
-constexpr int64_t kTempElems = 4 << 20;         // bound on per-block temporaries (elements)
+constexpr int64_t kBlockBytes = 16 << 20;  // a copied row block of a non-row-contiguous G
+// Bound on per-block temporaries (elements): large enough that the GEMMs run at full rate.
+constexpr int64_t kTempElems = 16 << 20;
 
 // 1/x, or 0 where x == 0 (the documented zero-norm convention).
 at::Tensor safe_inverse(const at::Tensor& x) {
@@ -87,17 +88,24 @@ at::Tensor cosine_alignment(const at::Tensor& grads, const at::Tensor& vectors) 
   if (p == 0) return C.zero_();
 
   auto gnorm = at::empty({n}, grads.options());
-  const int64_t block = rows_per_block(p, grads.element_size(), kBlockBytes, 16, 4096);
-  for (int64_t i0 = 0; i0 < n; i0 += block) {
-    const int64_t bi = std::min(block, n - i0);
-    auto Gi = grads.narrow(0, i0, bi);
-    if (Gi.stride(1) != 1) Gi = Gi.contiguous();  // one block copy, bounded memory
-    // Norms first (ATen's vectorised reduction), then the GEMM reads the same block again
-    // while it is still cached.
-    auto gi = gnorm.narrow(0, i0, bi);
-    at::linalg_vector_norm_out(gi, Gi, 2, 1);
-    auto Ci = C.narrow(0, i0, bi);
-    at::mm_out(Ci, Gi, vectors);
+  if (grads.stride(1) == 1 || grads.stride(0) == 1) {
+    // A BLAS layout (rows or columns contiguous): one GEMM over all rows and one norm pass, no
+    // copy and no temporary. (Measured here:
+    // row blocks small enough to stay in cache make MKL's GEMM slower than the second read of
+    // G that they save.)
+    at::linalg_vector_norm_out(gnorm, grads, 2, 1);
+    at::mm_out(C, grads, vectors);
+  } else {
+    // Otherwise copy one block of rows at a time (bounded memory), norms while it is cached.
+    const int64_t block = rows_per_block(p, grads.element_size(), kBlockBytes, 16, n);
+    for (int64_t i0 = 0; i0 < n; i0 += block) {
+      const int64_t bi = std::min(block, n - i0);
+      auto Gi = grads.narrow(0, i0, bi).contiguous();
+      auto gi = gnorm.narrow(0, i0, bi);
+      at::linalg_vector_norm_out(gi, Gi, 2, 1);
+      auto Ci = C.narrow(0, i0, bi);
+      at::mm_out(Ci, Gi, vectors);
+    }
   }
   scale_rows_cols_(C, safe_inverse(gnorm), safe_inverse(at::linalg_vector_norm(vectors, 2, 0)));
   return C;
@@ -149,9 +157,12 @@ at::Tensor ghost_dots(at::TensorList inputs, at::TensorList output_grads,
     const at::Tensor& thin = contract_inputs_first ? L.D : L.A;
     const int64_t rows =
         std::clamp<int64_t>(kTempElems / std::max<int64_t>(1, L.T * narrow * k), 1, n);
+    // One buffer per layer, reused by every block (fresh large allocations page-fault).
+    auto buf = at::empty({rows * L.T * narrow * k}, out.options());
     for (int64_t i0 = 0; i0 < n; i0 += rows) {
       const int64_t bi = std::min(rows, n - i0);
-      auto M = at::mm(wide.narrow(0, i0 * L.T, bi * L.T), Wmat);  // (bi*T, narrow*k)
+      auto M = buf.narrow(0, 0, bi * L.T * narrow * k).view({bi * L.T, narrow * k});
+      at::mm_out(M, wide.narrow(0, i0 * L.T, bi * L.T), Wmat);
       auto lhs = thin.narrow(0, i0, bi).reshape({bi, 1, L.T * narrow});
       auto acc = out.narrow(0, i0, bi).unsqueeze(1);                 // (bi, 1, k)
       acc.add_(at::bmm(lhs, M.view({bi, L.T * narrow, k})));

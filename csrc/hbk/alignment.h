@@ -8,15 +8,16 @@
 
 namespace hbk {
 
-/// Blocked cosine alignment C[i, j] = <g_i, v_j> / (|g_i| |v_j|).
+/// Cosine alignment C[i, j] = <g_i, v_j> / (|g_i| |v_j|).
 ///
 /// Args:
 ///   grads: G, (n, p), float32/float64.
 ///   vectors: V, (p, k), same dtype/device.
 /// Returns: C, (n, k). A zero-norm row g_i or column v_j gives 0 (never NaN).
-/// Complexity: n p k multiply-adds (one GEMM per row block) plus n p for the norms, taken
-///   while the block is in cache.
-/// Memory: the output; a non-row-contiguous G costs one block copy at a time.
+/// Complexity: n p k multiply-adds (one GEMM) plus n p for the norms. A G with contiguous rows
+///   or columns is read in place; any other layout is copied one 16 MB row block at a time
+///   (norms taken while the block is in cache).
+/// Memory: the output, plus one row block for non-BLAS layouts.
 at::Tensor cosine_alignment(const at::Tensor& grads, const at::Tensor& vectors);
 
 /// Inner products <g_i, v_j> from per-layer factors (see ghost_gram for A_l, D_l):
