@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
@@ -213,6 +214,14 @@ def _linear_chain(model: nn.Module) -> tuple[list[nn.Linear], list[str]] | None:
     return layers, acts
 
 
+def _is_plain_cross_entropy(loss_fn) -> bool:
+    """``F.cross_entropy`` or a default ``nn.CrossEntropyLoss`` (mean, no weights, no smoothing)."""
+    if loss_fn is F.cross_entropy:
+        return True
+    return (type(loss_fn) is nn.CrossEntropyLoss and loss_fn.reduction == "mean"
+            and loss_fn.weight is None and loss_fn.label_smoothing == 0.0)
+
+
 def _act_derivatives(name: str, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sigma(z), sigma'(z), sigma''(z)) elementwise."""
     if name == "relu":
@@ -247,15 +256,6 @@ class _ChainHVP:
         self.loss_fn = loss_fn
         self.cache = [self._prepare(x, y, w) for (x, y), w in zip(batches, weights)]
 
-    def param_slices(self) -> list[tuple[int, str]]:
-        """(layer, "W" | "b") for each parameter, in model.parameters() order."""
-        out = []
-        for l in range(self.L):
-            out.append((l, "W"))
-            if self.b[l] is not None:
-                out.append((l, "b"))
-        return out
-
     def _prepare(self, x: torch.Tensor, y: torch.Tensor, w: float) -> dict:
         a = [x.reshape(x.shape[0], -1).to(self.W[0].dtype)]
         s1, s2 = [], []
@@ -277,18 +277,28 @@ class _ChainHVP:
         o = out.detach().requires_grad_(True)
         with torch.enable_grad():
             gout = torch.autograd.grad(lfun(o), o)[0]
+        c_extra = {}
+        if _is_plain_cross_entropy(self.loss_fn) and y.dtype == torch.long and y.dim() == 1 \
+                and bool((y >= 0).all()):
+            # mean cross-entropy: the output Hessian of sample i is (diag(p_i) - p_i p_i^T) w / n
+            c_extra = {"ce_p": torch.softmax(out, dim=1), "ce_scale": w / out.shape[0]}
         delta = [None] * self.L
         e = [None] * (self.L - 1)
         delta[-1] = gout
         for l in range(self.L - 1, 0, -1):
             e[l - 1] = delta[l] @ self.W[l]
             delta[l - 1] = s1[l - 1] * e[l - 1]
-        return {"a": a, "s1": s1, "s2": s2, "delta": delta, "e": e, "out": out, "lfun": lfun}
+        return {"a": a, "s1": s1, "s2": s2, "delta": delta, "e": e, "out": out, "lfun": lfun,
+                **c_extra}
 
     @staticmethod
     def _hout(c: dict, rout: torch.Tensor) -> torch.Tensor:
         """Loss Hessian in output space applied to ``rout`` (n, b, C) -> (n, b, C): a
-        double backward through the small ``(n, C)`` loss graph (kept per batch)."""
+        double backward through the small ``(n, C)`` loss graph (kept per batch), or the
+        closed form of the mean cross-entropy."""
+        if "ce_p" in c:
+            p = c["ce_p"][:, None, :]
+            return (p * rout - p * (rout * p).sum(-1, keepdim=True)) * c["ce_scale"]
         if "gout_graph" not in c:
             o = c["out"].detach().requires_grad_(True)
             with torch.enable_grad():

@@ -425,3 +425,14 @@ def test_linear_chain_not_used_for_other_models() -> None:
     assert op.methods_used == {}
     H = reference_hessian(seq, F.cross_entropy, [(Xs, ys)])
     torch.testing.assert_close(hbk.exact_hessian(seq, F.cross_entropy, (Xs, ys)), H, atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(), nn.CrossEntropyLoss(label_smoothing=0.1)])
+def test_linear_chain_cross_entropy_modules(loss_fn) -> None:
+    """The closed-form softmax Hessian (plain cross-entropy) and the autograd fallback."""
+    model = mlp()
+    X, y = cls_data(17)
+    H = reference_hessian(model, loss_fn, [(X, y)])
+    op = hbk.HessianOperator(model, loss_fn, (X, y))
+    assert op.methods_used["block"] == "linear_chain"
+    torch.testing.assert_close(op.columns(0, op.dim), H, atol=1e-12, rtol=1e-10)
