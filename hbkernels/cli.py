@@ -50,9 +50,10 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
                    help="multiply every training phase's epochs by F (quick runs)")
     p.add_argument("--rule", choices=("max", "mean"), default="max",
                    help="G rule reported as G: max (reference code, Table 1) or mean (Eq. 6)")
-    p.add_argument("--max-exact-params", type=_positive_int, default=6000, metavar="P",
+    p.add_argument("--max-exact-params", type=_positive_int, default=None, metavar="P",
                    help="exact float64 spectrum up to P parameters, else top-k Lanczos and a "
-                        "lower-bound G (default 6000)")
+                        "lower-bound G (default 6000; 11000 with --profile reference, so the "
+                        "reference nets' p = 10,602-10,804 stay exact)")
     p.add_argument("--resolution", type=_positive_int, default=100,
                    help="grid points per axis of the alignment maps (default 100)")
 
@@ -60,9 +61,12 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
 def _settings(args, **over):
     from .boundary.experiments import Settings
 
-    kw = dict(profile=getattr(args, "profile", "budget"), width=args.width,
-              epochs_scale=args.epochs_scale, rule=args.rule,
-              max_exact_params=args.max_exact_params, resolution=args.resolution)
+    profile = getattr(args, "profile", "budget")
+    exact = args.max_exact_params
+    if exact is None:
+        exact = 11000 if profile == "reference" else 6000
+    kw = dict(profile=profile, width=args.width, epochs_scale=args.epochs_scale, rule=args.rule,
+              max_exact_params=exact, resolution=args.resolution)
     if getattr(args, "margin_steps", None) is not None:
         kw["margin_steps"] = args.margin_steps
     kw.update(over)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from test_measures import one_thread  # noqa: F401  (autouse fixture)
 
 from hbkernels.boundary import experiments as E

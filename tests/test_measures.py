@@ -11,7 +11,6 @@ import functools
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
