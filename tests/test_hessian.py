@@ -15,6 +15,14 @@ import hbkernels as hbk
 from hbkernels.params import flatten_params
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny problems: one intra-op thread avoids OpenMP stalls on a loaded machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
 # ----------------------------------------------------------------------------- helpers
 def reference_hessian(model: nn.Module, loss_fn, batches, names=None) -> torch.Tensor:
     """torch.autograd.functional.hessian of the size-weighted mean loss over the batches."""
@@ -160,7 +168,6 @@ def test_hessian_eigs_mlp(which: str) -> None:
     assert res.extra["dim"] == H.shape[0] and res.extra["num_samples"] == 29
 
 
-@pytest.mark.slow
 def test_hessian_eigs_paper_fnn_subsample() -> None:
     """The paper's 2-100-100-3 FNN (p = 10,703) on 30 gaussian points: the Hessian of the
     output layer and the second hidden bias against autograd, and the full-model top-5
