@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import _thread
+import signal
 import json
 import warnings
 
@@ -219,8 +220,14 @@ def test_keyboard_interrupt_stops_the_run() -> None:
             _thread.interrupt_main()  # a pending SIGINT, as from Ctrl-C
         return A @ v
 
-    with pytest.raises(KeyboardInterrupt):
-        hbk.lanczos(mv, n, 5, tol=1e-12, seed=0)
+    # A process started in the background (as CI may be) inherits SIGINT ignored, and then
+    # interrupt_main() does nothing: install Python's handler for the duration of the test.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            hbk.lanczos(mv, n, 5, tol=1e-12, seed=0)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert 5 <= count[0] <= 6
 
 
