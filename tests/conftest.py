@@ -21,3 +21,13 @@ def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rtol: floa
 @pytest.fixture(params=[torch.float32, torch.float64], ids=["f32", "f64"])
 def dtype(request):
     return request.param
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of tiny problems: on a loaded 2-core machine, OpenMP
+    barriers between many small ops stall (test files took 80-150 s at 2 threads, ~6 s at 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_measures import one_thread  # noqa: F401  (autouse fixture)
 
 from hbkernels import cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ["--width", "6", "--resolution", "12", "--quiet"]
 

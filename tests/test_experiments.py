@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_measures import one_thread  # noqa: F401  (autouse fixture)
 
 from hbkernels.boundary import experiments as E
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = dict(width=6, epochs_scale=0.002, resolution=12, k_maps=2, margin_steps=20,
             margin_restarts=2)
@@ -84,6 +85,7 @@ def test_table1_checkerboard_with_margins(tmp_path):
     assert setups == {"normal", "adversarial", "large-norm", "wide-margin"}
     marg = {r["setup"]: r.get("margin") for r in payload["runs"]}
     assert marg["normal"] > 0 and marg["wide-margin"] > 0 and marg["adversarial"] is None
+    assert all(r["grid_margin"] >= 0 for r in payload["runs"] if r["setup"] in ("normal", "wide-margin"))
     assert "margin" in payload["checks"]["checkerboard-linear"]["wide-margin"]
     text = (tmp_path / "table1" / "report.md").read_text()
     assert "checkerboard-linear" in text and "wide-margin" in text

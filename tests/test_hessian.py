@@ -15,13 +15,7 @@ import hbkernels as hbk
 from hbkernels.params import flatten_params
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one intra-op thread avoids OpenMP stalls on a loaded machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ----------------------------------------------------------------------------- helpers
 def reference_hessian(model: nn.Module, loss_fn, batches, names=None) -> torch.Tensor:

@@ -13,13 +13,7 @@ import torch
 import hbkernels as hbk
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one intra-op thread avoids OpenMP stalls on a loaded machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def sym_with_spectrum(evals: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """A dense symmetric matrix Q diag(evals) Q^T with a random orthogonal Q."""

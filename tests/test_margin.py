@@ -7,14 +7,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from test_measures import (  # noqa: F401  (autouse fixture)
-    one_thread,
-    ref_alignment,
-    trained,
-)
+from test_measures import ref_alignment, trained
 
 from hbkernels.boundary import margin as MG
 from hbkernels.boundary import measures as M
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MARGIN = 0.3
 

@@ -97,13 +97,7 @@ def trained(dtype=torch.float64, steps=200, width=7, seed=0):
     return copy.deepcopy(model), X.clone(), y.clone()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread (no oversubscription on the shared 2 cores)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- pure measures
