@@ -101,3 +101,14 @@ def test_linear_fast_path_matches_vmap_objective(loss):
     # a parameter outside the Linear layers: no fast path (the vmap path is used)
     model.extra = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
     assert MG._linear_cosine(model, torch.cat([u, u[:1]]), loss) is None
+
+
+def test_boundary_distance_ground_truth_margin():
+    model, X, y = separable_toy()  # boundary x = 0, closest points (+-0.3, 0)
+    bd = M.boundary_distance(model, X, (-1, 1, -1, 1), resolution=401)
+    assert bd.margin == pytest.approx(MARGIN, abs=0.0026)  # half a grid step
+    assert abs(float(X[bd.index, 0])) == MARGIN
+    torch.testing.assert_close(bd.distances, X[:, 0].abs(), atol=0.0026, rtol=0)
+    json.dumps(bd.to_dict())
+    with pytest.raises(ValueError, match=r"\(n, 2\)"):
+        M.boundary_distance(model, X[:, :1], (-1, 1, -1, 1))
