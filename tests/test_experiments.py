@@ -18,6 +18,7 @@ def test_phase_epochs_profiles():
     b = E.phase_epochs("gauss", E.Settings())
     assert b == {"normal": 2000, "random-label": 40000, "adversarial": 2000, "large-norm": 1000}
     assert E.phase_epochs("circle", E.Settings())["random-label"] == 20000  # min(reference, 40k)
+    assert E.phase_epochs("iris", E.Settings())["random-label"] == 200000  # not capped
     r = E.phase_epochs("gauss", E.Settings(profile="reference"))
     assert r == {"normal": 2000, "random-label": 300000, "adversarial": 20000, "large-norm": 1000}
     o = E.phase_epochs("gauss", E.Settings(epochs={"normal": 10}, epochs_scale=0.5))
