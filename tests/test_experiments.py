@@ -108,3 +108,11 @@ def test_figures_gauss_tiny(tmp_path):
     rep = payload["reports"]["reparameterization"]
     assert rep["predictions_equal"] and rep["max_abs_output_diff"] < 1e-8
     assert len(payload["reports"]["covariance_overlaps"]["betas"]) == 5
+
+
+def test_run_arrays_are_small(tmp_path):
+    E.run_grid(["gauss"], ["normal"], [0], E.Settings(**TINY), tmp_path, quiet=True)
+    arr = E.RunStore(tmp_path).arrays("gauss--normal--seed0")
+    p = arr["eigenvalues"].numel()
+    # top-25 vectors, not the (p, p) storage they were sliced from
+    assert (tmp_path / "runs" / "gauss--normal--seed0.pt").stat().st_size < 8 * p * 40 + 100_000

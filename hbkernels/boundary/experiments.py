@@ -249,9 +249,10 @@ def analyze_result(res: TrainResult, ds: Dataset, settings: Settings, *, quiet: 
         "zero_grad_fraction": d["zero_grad_fraction"],
         "train_seconds": res.seconds, "analysis_seconds": d["seconds"].get("total"),
     }
-    arrays = {"eigenvalues": an.spectrum.eigenvalues.cpu(),
-              "top_vectors": an.spectrum.top(_KEEP).cpu(),
-              "alignments": an.alignments.cpu(), "labels": ds.y_train.cpu()}
+    # clone: a view would make torch.save write the whole (p, p) eigenvector storage
+    arrays = {"eigenvalues": an.spectrum.eigenvalues.cpu().clone(),
+              "top_vectors": an.spectrum.top(_KEEP).cpu().clone(),
+              "alignments": an.alignments.cpu().clone(), "labels": ds.y_train.cpu().clone()}
     return row, arrays, an
 
 
