@@ -204,17 +204,15 @@ at::Tensor ghost_alignment(at::TensorList inputs, at::TensorList output_grads,
                            at::TensorList weight_vectors,
                            const c10::List<std::optional<at::Tensor>>& bias_vectors) {
   auto dots = ghost_dots(inputs, output_grads, weight_vectors, bias_vectors);
-  std::vector<bool> bias_flags;
+  c10::List<bool> has_bias;
   at::Tensor vsq = at::zeros({dots.size(1)}, dots.options());
   for (size_t l = 0; l < weight_vectors.size(); ++l) {
     vsq.add_(weight_vectors[l].square().sum({0, 1}));
     const auto wb = bias_vectors.get(l);
-    bias_flags.push_back(wb.has_value());
+    has_bias.push_back(wb.has_value());
     if (wb.has_value()) vsq.add_(wb->square().sum(0));
   }
-  c10::List<bool> flags;
-  for (bool b : bias_flags) flags.push_back(b);
-  auto gsq = ghost_sq_norms(inputs, output_grads, flags);
+  auto gsq = ghost_sq_norms(inputs, output_grads, has_bias);
   scale_rows_cols_(dots, safe_rsqrt(gsq), safe_rsqrt(vsq));
   return dots;
 }

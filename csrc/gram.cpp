@@ -10,7 +10,7 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 
-#include <cmath>
+#include <algorithm>
 
 namespace hbk {
 namespace {

@@ -397,24 +397,15 @@ def ordering_checks(rows: Sequence[dict], summary: dict) -> dict:
             nl = c["G"]["normal_lower"]
             c["G"]["paper_order_holds"] = None if nl is None else (nl != (other == "wide-margin"))
             if dataset == "checkerboard-linear" and other == "wide-margin":
-                a, b = per["normal"]["margin"]["mean"], per[other]["margin"]["mean"]
-                pairs = [(by[(dataset, "normal", s)].get("margin"),
-                          by[(dataset, other, s)].get("margin"))
-                         for s in per["normal"]["seeds"] if (dataset, other, s) in by]
-                pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
-                c["margin"] = {"normal": a, other: b,
-                               "wide_larger": None if a is None or b is None else bool(b > a),
-                               "seeds_wide_larger": sum(y > x for x, y in pairs),
-                               "pairs": len(pairs)}
-                a, b = per["normal"]["grid_margin"]["mean"], per[other]["grid_margin"]["mean"]
-                gp = [(by[(dataset, "normal", s)].get("grid_margin"),
-                       by[(dataset, other, s)].get("grid_margin"))
-                      for s in per["normal"]["seeds"] if (dataset, other, s) in by]
-                gp = [(x, y) for x, y in gp if x is not None and y is not None]
-                c["grid_margin"] = {"normal": a, other: b,
-                                    "wide_larger": None if a is None or b is None else bool(b > a),
-                                    "seeds_wide_larger": sum(y > x for x, y in gp),
-                                    "pairs": len(gp)}
+                for key in ("margin", "grid_margin"):  # Hessian estimate, true 2-D margin
+                    a, b = per["normal"][key]["mean"], per[other][key]["mean"]
+                    pairs = [(by[(dataset, "normal", s)].get(key), by[(dataset, other, s)].get(key))
+                             for s in per["normal"]["seeds"] if (dataset, other, s) in by]
+                    pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+                    c[key] = {"normal": a, other: b,
+                              "wide_larger": None if a is None or b is None else bool(b > a),
+                              "seeds_wide_larger": sum(y > x for x, y in pairs),
+                              "pairs": len(pairs)}
             dc[other] = c
         checks[dataset] = dc
     return checks
