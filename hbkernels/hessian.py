@@ -23,7 +23,8 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from ._loader import load_extension
-from .lanczos import JsonResult, LanczosResult, lanczos
+from .lanczos import LanczosResult, lanczos
+from .results import Result as JsonResult
 from .params import trainable_parameters
 
 _C = load_extension()

@@ -7,7 +7,7 @@ block, shows the progress bar and packs the result.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import time
 import warnings
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ._loader import load_extension
+from .results import Result
 
 _C = load_extension()
 
@@ -28,43 +29,8 @@ _WHICH = ("LA", "SA", "LM")
 _FLOATS = (torch.float32, torch.float64)
 
 
-def _jsonable(x: Any) -> Any:
-    """Tensors and numbers as plain JSON values (lists, floats, ints, bools)."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().tolist()
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, torch.dtype):
-        return str(x)
-    return x
-
-
-def save_json(obj: dict, path: str | Path) -> Path:
-    """Write ``obj`` (already JSON-compatible through :func:`_jsonable`) to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(obj), indent=1))
-    return path
-
-
-class JsonResult:
-    """Mixin for result dataclasses: every field as JSON (tensors as nested lists)."""
-
-    def to_dict(self) -> dict:
-        """JSON-compatible dict of all fields."""
-        return _jsonable(dict(self.__dict__))
-
-    def save(self, path: str | Path) -> Path:
-        """Write :meth:`to_dict` as JSON to ``path``; returns the path."""
-        return save_json(self.to_dict(), path)
-
-
 @dataclass
-class LanczosResult:
+class LanczosResult(Result):
     """Eigenpairs from :func:`lanczos` and how they were obtained.
 
     Attributes:
@@ -112,28 +78,19 @@ class LanczosResult:
 
     def to_dict(self, include_vectors: bool = True) -> dict:
         """JSON-compatible dict (eigenvectors as a ``dim x k`` nested list if asked)."""
-        d = {
-            "eigenvalues": self.eigenvalues,
-            "residuals": self.residuals,
-            "converged": self.converged,
-            "num_matvecs": self.num_matvecs,
-            "num_restarts": self.num_restarts,
-            "reorth_passes": self.reorth_passes,
-            "matvec_seconds": self.matvec_seconds,
-            "total_seconds": self.total_seconds,
-            "which": self.which,
-            "tol": self.tol,
-            "ncv": self.ncv,
-            "block_size": self.block_size,
-            **self.extra,
-        }
-        if include_vectors:
-            d["eigenvectors"] = self.eigenvectors
-        return _jsonable(d)
+        d = super().to_dict()
+        d.update(d.pop("extra"))
+        if not include_vectors:
+            d.pop("eigenvectors")
+        return d
 
     def save(self, path: str | Path, include_vectors: bool = True) -> Path:
-        """Write :meth:`to_dict` as JSON to ``path``; returns the path."""
-        return save_json(self.to_dict(include_vectors), path)
+        """Save to ``path`` (JSON) and ``path.with_suffix('.pt')`` (the tensors); load it back
+        with :meth:`LanczosResult.load`. ``include_vectors=False`` leaves the eigenvectors out
+        (they are then an empty ``(dim, 0)`` tensor after loading)."""
+        if include_vectors:
+            return super().save(path)
+        return dataclasses.replace(self, eigenvectors=self.eigenvectors[:, :0]).save(path)
 
 
 def default_ncv(dim: int, k: int, block_size: int = 1) -> int:

@@ -43,6 +43,7 @@ from torch import nn
 import hbkernels as hbk
 
 from ..params import flatten_params, num_params
+from ..results import Result, to_jsonable
 
 __all__ = [
     "to_jsonable",
@@ -84,48 +85,8 @@ __all__ = [
 RULES = ("max", "mean")
 
 
-# ----------------------------------------------------------------------------- JSON helpers
-def to_jsonable(obj: Any) -> Any:
-    """Convert tensors, numpy values, dataclasses and paths into plain JSON types.
-
-    Non-finite floats become None (JSON has no NaN/inf).
-    """
-    if isinstance(obj, torch.Tensor):
-        return to_jsonable(obj.detach().cpu().tolist())
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.bool_,)):
-        return bool(obj)
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, torch.dtype):
-        return str(obj).replace("torch.", "")
-    if hasattr(obj, "to_dict") and callable(obj.to_dict):
-        return to_jsonable(obj.to_dict())
-    return obj
-
-
-class JsonResult:
-    """Mixin: ``save(path)`` writes ``to_dict()`` as JSON."""
-
-    def to_dict(self) -> dict:  # pragma: no cover - every subclass overrides
-        raise NotImplementedError
-
-    def save(self, path: str | Path) -> Path:
-        """Write ``to_dict()`` to ``path`` as indented JSON; returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(to_jsonable(self.to_dict()), indent=2))
-        return path
+# JSON: one convention for every result (hbkernels.results).
+JsonResult = Result
 
 
 # ----------------------------------------------------------------------------- small helpers
