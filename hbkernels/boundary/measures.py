@@ -609,6 +609,10 @@ def generalization_measure(
     total = k if num_params is None else int(num_params)
     if total < k:
         raise ValueError(f"{fn}: expected num_params >= k = {k}, got {total}")
+    bad = int((~torch.isfinite(alignments)).sum())
+    if bad:  # a NaN compares False with eps: it would silently count as "not aligned"
+        raise ValueError(f"{fn}: expected finite alignments, got {bad} NaN/inf entries of "
+                         f"{alignments.numel()} (shape {tuple(alignments.shape)})")
     a = alignments.abs().double()
     if rule == "max":
         count = int((a.amax(dim=0) >= eps).sum())
