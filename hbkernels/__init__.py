@@ -6,7 +6,7 @@ import, hbkernels checks that it was built against the running torch.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .ops import (  # noqa: E402  (loads and checks the extension first)
     cosine_alignment,
