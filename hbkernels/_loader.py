@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import torch
 
+# hbkernels is not published on a package index: the fix for a mismatch is always a rebuild
+# from the source tree against the torch that is installed (or going back to the old torch).
+REBUILD_HINT = (
+    "hbkernels is built from source (it is on no package index): in its source tree, rebuild "
+    "it against the installed torch with `python -m pip install --no-build-isolation "
+    "--force-reinstall --no-deps .` (the repository's .venv: `make install "
+    "TORCH_SPEC=torch=={running}`)"
+)
+
 
 class ExtensionVersionError(ImportError):
     """The compiled extension was built for a different torch than the one running."""
@@ -18,10 +27,9 @@ def check_torch_version(built: str, running: str) -> None:
     if built != running:
         raise ExtensionVersionError(
             f"hbkernels: the compiled extension was built against torch {built}, "
-            f"but torch {running} is installed. Rebuild it for this torch with "
-            "`pip install --no-build-isolation --force-reinstall --no-deps hbkernels` "
-            "(from a source checkout: `pip install --no-build-isolation .`), "
-            f"or install torch=={built.split('+')[0]}."
+            f"but torch {running} is installed. "
+            + REBUILD_HINT.format(running=running.split("+")[0])
+            + f"; or reinstall the torch it was built with (torch {built})."
         )
 
 
@@ -31,8 +39,9 @@ def load_extension():
         from . import _build_info
     except ImportError as exc:  # a source tree that was never built
         raise ImportError(
-            "hbkernels: the compiled extension is missing; install the package with "
-            "`pip install --no-build-isolation .` (torch must be installed first)"
+            "hbkernels: the compiled extension is missing (this is a source tree that was "
+            "never built). Install torch first, then build it: `python -m pip install "
+            "--no-build-isolation .` from the source tree, or `make install`."
         ) from exc
     check_torch_version(_build_info.TORCH_VERSION, torch.__version__)
     from . import _C
