@@ -32,6 +32,7 @@ __all__ = [
     "Dataset",
     "load_dataset",
     "list_datasets",
+    "check_dataset_name",
     "reference_split",
     "read_idx",
 ]
@@ -444,6 +445,27 @@ def list_datasets(available_only: bool = False, root: str | None = None) -> list
     return names
 
 
+_FAMILIES = ("digits", "mnist", "cifar")
+
+
+def check_dataset_name(fn: str, name: Any) -> str:
+    """``name`` must be a dataset :func:`load_dataset` knows (no file is read).
+
+    Raises:
+        TypeError: not a string.
+        ValueError: unknown name; the message lists the valid ones.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"{fn}: expected a dataset name (str), got {type(name).__name__}")
+    family, dash, spec = name.partition("-")
+    if name in _GENERATORS or (family in _FAMILIES and (not dash or (
+            spec.isdigit() and len(set(spec)) == len(spec) and len(spec) >= 1))):
+        return name
+    shown = ", ".join(list(_SYNTHETIC) + [f"{f}-<classes>" for f in _FAMILIES] + ["mnist", "cifar"])
+    raise ValueError(f"{fn}: expected a dataset name, one of {shown} (<classes>: distinct "
+                     f"digits, e.g. digits-017), got {name!r}")
+
+
 def _data_root(root: str | os.PathLike | None) -> Path:
     return Path(root if root is not None else os.environ.get("HBK_DATA", "datasets"))
 
@@ -499,8 +521,7 @@ def load_dataset(
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"hbk.load_dataset: expected a floating torch.dtype, got {dtype!r}")
-    if not isinstance(name, str):
-        raise ValueError(f"hbk.load_dataset: expected a dataset name, got {name!r}")
+    check_dataset_name("hbk.load_dataset", name)
     if random_type not in ("uniform", "within"):
         raise ValueError(
             f"hbk.load_dataset: expected random_type 'uniform' or 'within', got {random_type!r}"

@@ -31,6 +31,7 @@ __all__ = [
     "model_spec",
     "save_model",
     "load_model",
+    "check_model_data",
 ]
 
 ARCHS = ("fnn", "fnn2", "cnn", "lenet5")
@@ -331,11 +332,13 @@ def save_model(model: nn.Module, path: str | os.PathLike, **extra: Any) -> None:
 
     The spec's dtype is the parameters' current dtype.
     """
+    from ..fileio import atomic_torch_save
+
     spec = model_spec(model)
     first = next(model.parameters(), None)
     if first is not None:
         spec["dtype"] = str(first.dtype).replace("torch.", "")
-    torch.save({"spec": spec, "state_dict": model.state_dict(), **extra}, path)
+    atomic_torch_save({"spec": spec, "state_dict": model.state_dict(), **extra}, path)
 
 
 def load_model(path: str | os.PathLike | dict) -> nn.Module:
@@ -347,19 +350,77 @@ def load_model(path: str | os.PathLike | dict) -> nn.Module:
     Returns:
         The module in its saved dtype, with the saved weights.
     """
-    blob = path if isinstance(path, dict) else torch.load(path, map_location="cpu",
-                                                          weights_only=True)
+    from ..fileio import CorruptFileError, load_torch
+
+    fn = "hbk.load_model"
+    where = "the given dict" if isinstance(path, dict) else str(path)
+    blob = path if isinstance(path, dict) else load_torch(fn, path, what="a save_model file")
     if not isinstance(blob, dict) or "spec" not in blob or "state_dict" not in blob:
-        raise ValueError(f"hbk.load_model: expected a file written by save_model, got {path!r}")
-    spec = dict(blob["spec"])
-    arch = spec.pop("arch")
-    in_features = spec.pop("in_features")
-    num_classes = spec.pop("num_classes")
-    spec["dtype"] = getattr(torch, spec["dtype"])
-    if isinstance(spec.get("width"), list):
-        spec["width"] = tuple(spec["width"])
-    if isinstance(in_features, list):
-        in_features = tuple(in_features)
-    model = make_model(arch, in_features, num_classes, **spec)
-    model.load_state_dict(blob["state_dict"])
+        got = type(blob).__name__ if not isinstance(blob, dict) else f"keys {sorted(blob)[:6]}"
+        raise CorruptFileError(f"{fn}: expected a model file written by save_model (spec + "
+                               f"state_dict), got {got} in {where}", where)
+    try:
+        spec = dict(blob["spec"])
+        arch = spec.pop("arch")
+        in_features = spec.pop("in_features")
+        num_classes = spec.pop("num_classes")
+        spec["dtype"] = getattr(torch, spec["dtype"])
+        if isinstance(spec.get("width"), list):
+            spec["width"] = tuple(spec["width"])
+        if isinstance(in_features, list):
+            in_features = tuple(in_features)
+        model = make_model(arch, in_features, num_classes, **spec)
+        model.load_state_dict(blob["state_dict"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CorruptFileError(f"{fn}: expected a spec and weights that match in {where}, got "
+                               f"{type(err).__name__}: {first[:200]}", where) from None
+    return model
+
+
+def check_model_data(fn: str, model: nn.Module, dataset: Dataset) -> nn.Module:
+    """Before any work: the model takes the dataset's inputs and has one output per class.
+
+    Runs the model on two training inputs (cast to the model's dtype) and checks the output
+    shape ``(2, num_classes)``, finite parameters and outputs, and labels in range.
+
+    Raises:
+        TypeError: not a module, no floating parameters, or mixed parameter dtypes.
+        ValueError: the input width, number of classes or labels do not fit (named).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: expected an nn.Module, got {type(model).__name__}")
+    params = list(model.parameters())
+    dtypes = {p.dtype for p in params}
+    if not params or not all(d.is_floating_point for d in dtypes) or len(dtypes) > 1:
+        raise TypeError(f"{fn}: expected a model with parameters of one floating dtype, got "
+                        f"{sorted(str(d) for d in dtypes) or 'no parameters'}")
+    bad = sum(int((~torch.isfinite(p)).sum()) for p in params)
+    if bad:
+        raise ValueError(f"{fn}: expected finite model parameters, got {bad} NaN/inf entries")
+    name, C = dataset.name, dataset.num_classes
+    X, y = dataset.X_train, dataset.y_train
+    if len(y) == 0:
+        raise ValueError(f"{fn}: expected a non-empty training set, got 0 samples of {name}")
+    if y.dtype != torch.int64 or int(y.min()) < 0 or int(y.max()) >= C:
+        raise ValueError(f"{fn}: expected int64 labels in 0..{C - 1} for {name}, got "
+                         f"{y.dtype} labels in {int(y.min())}..{int(y.max())}")
+    shape = tuple(dataset.input_shape)
+    try:
+        with torch.no_grad():
+            out = model(X[:2].to(next(iter(dtypes))))
+    except Exception as err:  # noqa: BLE001 - any shape/dtype error of the forward pass
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        spec = getattr(model, "spec", None)
+        takes = (f" (it was built for in_features={spec.get('in_features')})"
+                 if isinstance(spec, dict) else "")
+        raise ValueError(f"{fn}: expected a model that takes {name} inputs of shape {shape}"
+                         f"{takes}, got {type(err).__name__}: {first[:200]}") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != C:
+        got = f"output shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else \
+            type(out).__name__
+        raise ValueError(f"{fn}: expected a model with {C} outputs for {name} ({C} classes), "
+                         f"got {got}")
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"{fn}: expected finite model outputs on {name}, got NaN/inf")
     return model

@@ -25,6 +25,7 @@ random-label models are trained once and reused by the adversarial and large-nor
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -32,6 +33,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -41,11 +43,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checks import check_bool, check_choice, check_float, check_int, check_seed, fail
+from ..fileio import CorruptFileError, DamagedFileWarning, atomic_torch_save, \
+    atomic_write_text, load_torch, read_json, sha256_file, store_lock
 from ..params import flatten_params
-from .datasets import Dataset, load_dataset
-from .models import MLP, default_model_for, load_model, model_spec, save_model
+from .datasets import Dataset, check_dataset_name, load_dataset
+from .models import MLP, check_model_data, default_model_for, load_model, model_spec, save_model
 
 __all__ = [
+    "TrainingDivergedError",
     "LOSSES",
     "OPTIMIZERS",
     "SETUPS",
@@ -66,9 +72,15 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SETUPS = ("normal", "random-label", "adversarial", "large-norm", "wide-margin")
 ENGINES = ("auto", "stacked", "autograd")
 _CACHE_VERSION = 1
+_MANIFEST = "manifest.json"
+_MANIFEST_FORMAT = "hbk-train-result-1"
 # Steps cheaper than this many multiply-adds run on one thread (thread start-up dominates).
 _ONE_THREAD_MACS = 2e7
 _EVAL_CHUNK = 4096
+
+
+class TrainingDivergedError(ValueError):
+    """Training produced a non-finite loss or parameters (e.g. a learning rate far too large)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,38 +189,40 @@ class TrainConfig:
     engine: str = "auto"
 
     def validate(self) -> None:
-        """Raise ValueError / TypeError for bad fields."""
-        def bad(what: str, got: Any) -> ValueError:
-            return ValueError(f"hbk.TrainConfig: expected {what}, got {got!r}")
-
-        if not isinstance(self.epochs, int) or self.epochs < 0:
-            raise bad("epochs >= 0", self.epochs)
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise bad("lr > 0", self.lr)
-        if self.batch_size != "full" and not (isinstance(self.batch_size, int)
-                                              and self.batch_size >= 1):
-            raise bad("batch_size 'full' or an int >= 1", self.batch_size)
-        if self.optimizer not in OPTIMIZERS:
-            raise bad(f"optimizer in {OPTIMIZERS}", self.optimizer)
-        if self.loss not in LOSSES:
-            raise bad(f"loss in {LOSSES}", self.loss)
-        if self.momentum < 0 or self.weight_decay < 0:
-            raise bad("momentum >= 0 and weight_decay >= 0", (self.momentum, self.weight_decay))
+        """Raise ValueError / TypeError for bad fields (every number finite and in range)."""
+        fn = "hbk.TrainConfig"
+        check_int(fn, "epochs", self.epochs, 0)
+        check_float(fn, "lr", self.lr, 0, lo_open=True)
+        if self.batch_size != "full":
+            if isinstance(self.batch_size, str) or isinstance(self.batch_size, bool) or \
+                    not isinstance(self.batch_size, int):
+                fail(fn, "batch_size 'full' or an int >= 1", self.batch_size,
+                     ValueError if isinstance(self.batch_size, str) else TypeError)
+            check_int(fn, "batch_size", self.batch_size, 1)
+        check_choice(fn, "optimizer", self.optimizer, OPTIMIZERS)
+        check_choice(fn, "loss", self.loss, LOSSES)
+        check_float(fn, "momentum", self.momentum, 0, 1, hi_open=True)
+        check_float(fn, "weight_decay", self.weight_decay, 0)
         if self.momentum and self.optimizer in ("adam", "adamw"):
-            raise bad("momentum only with sgd/rmsprop", self.optimizer)
-        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
-            raise bad("checkpoint_every >= 0", self.checkpoint_every)
+            fail(fn, f"momentum only with sgd/rmsprop (optimizer {self.optimizer!r})",
+                 self.momentum)
+        check_int(fn, "checkpoint_every", self.checkpoint_every, 0)
+        check_seed(fn, "seed", self.seed)
+        if self.seed is None:
+            fail(fn, "seed to be an int >= 0", None, TypeError)
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
-            raise TypeError(f"hbk.TrainConfig: expected a floating torch.dtype, got {self.dtype!r}")
-        if any(not isinstance(m, int) or m < 1 for m in self.milestones):
-            raise bad("milestones of ints >= 1", self.milestones)
-        if self.log_every is not None and (not isinstance(self.log_every, int)
-                                           or self.log_every < 1):
-            raise bad("log_every None or >= 1", self.log_every)
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise bad("threads None or >= 1", self.threads)
-        if self.engine not in ENGINES:
-            raise bad(f"engine in {ENGINES}", self.engine)
+            fail(fn, "dtype to be a floating torch.dtype", self.dtype, TypeError, raw=True)
+        check_bool(fn, "quiet", self.quiet)
+        if not isinstance(self.milestones, (tuple, list)):
+            fail(fn, "milestones to be a tuple of ints", self.milestones, TypeError)
+        for m in self.milestones:
+            check_int(fn, "milestones entries", m, 1)
+        check_float(fn, "gamma", self.gamma, 0, lo_open=True)
+        if self.log_every is not None:
+            check_int(fn, "log_every", self.log_every, 1)
+        if self.threads is not None:
+            check_int(fn, "threads", self.threads, 1)
+        check_choice(fn, "engine", self.engine, ENGINES)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (dtype as its name)."""
@@ -290,36 +304,93 @@ class TrainResult:
         })
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``model.pt`` (spec + state_dict), ``result.json`` and, if any,
-        ``checkpoints.pt`` into ``directory`` (created). Returns the directory."""
+        """Write ``model.pt`` (spec + state_dict), ``result.json``, if any ``checkpoints.pt``,
+        and last ``manifest.json`` (the sha256 of each file) into ``directory`` (created).
+
+        Every file is written atomically; a directory without a valid manifest is incomplete
+        (:meth:`load` refuses it). Returns the directory.
+        """
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):  # the old manifest no longer holds
+            (d / _MANIFEST).unlink()
+        files = ["model.pt"]
         save_model(self.model, d / "model.pt")
         if self.checkpoints:
-            torch.save([(e, sd) for e, sd in self.checkpoints], d / "checkpoints.pt")
-        (d / "result.json").write_text(json.dumps(self.to_dict(), indent=1))
+            atomic_torch_save([(e, sd) for e, sd in self.checkpoints], d / "checkpoints.pt")
+            files.append("checkpoints.pt")
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                (d / "checkpoints.pt").unlink()
+        atomic_write_text(d / "result.json", json.dumps(self.to_dict(), indent=1))
+        files.append("result.json")
+        manifest = {"format": _MANIFEST_FORMAT, "key": self.info.get("key"),
+                    "files": {f: sha256_file(d / f) for f in files}}
+        atomic_write_text(d / _MANIFEST, json.dumps(manifest, indent=1))
         return d
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> TrainResult:
-        """Read a directory written by :meth:`save` (``cached=True``)."""
+    def load(cls, directory: str | os.PathLike, *, key: str | None = None) -> TrainResult:
+        """Read a directory written by :meth:`save` (``cached=True``), verified against its
+        manifest (and the cache ``key`` when given).
+
+        Raises:
+            FileNotFoundError: no such directory or no ``result.json``.
+            CorruptFileError: a file is missing, damaged, edited or foreign (named), or the
+                manifest does not match ``key``.
+        """
+        fn = "hbk.TrainResult.load"
         d = Path(directory)
-        meta = json.loads((d / "result.json").read_text())
+        if not d.is_dir():
+            raise FileNotFoundError(errno.ENOENT, f"{fn}: expected a directory written by "
+                                    f"TrainResult.save, got {d}", str(d))
+        man_path = d / _MANIFEST
+        if man_path.exists():
+            manifest = read_json(fn, man_path)
+            if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+                raise CorruptFileError(f"{fn}: expected a manifest, got a damaged {man_path}",
+                                       man_path)
+            for name, digest in manifest["files"].items():
+                f = d / name
+                if not f.is_file():
+                    raise CorruptFileError(f"{fn}: expected {f} (listed in {man_path}), got "
+                                           "no file", f)
+                if sha256_file(f) != digest:
+                    raise CorruptFileError(f"{fn}: expected {f} to match its sha256 in "
+                                           f"{man_path}, got different content (edited, "
+                                           "damaged or another run's file)", f)
+            if key is not None and manifest.get("key") != key:
+                raise CorruptFileError(f"{fn}: expected cache key {key[:16]}... in {man_path}, "
+                                       f"got {str(manifest.get('key'))[:16]}...", man_path)
+        elif key is not None:
+            raise CorruptFileError(f"{fn}: expected {man_path} (written last by "
+                                   "TrainResult.save), got none: an incomplete directory",
+                                   man_path)
+        meta = read_json(fn, d / "result.json")
+        if key is not None and meta.get("info", {}).get("key") != key:
+            raise CorruptFileError(f"{fn}: expected cache key {key[:16]}... in "
+                                   f"{d / 'result.json'}, got another run's result", d)
         ckpt = d / "checkpoints.pt"
-        checkpoints = torch.load(ckpt, weights_only=True) if ckpt.exists() else []
-        return cls(
-            model=load_model(d / "model.pt"),
-            history=meta["history"],
-            checkpoints=[(int(e), sd) for e, sd in checkpoints],
-            train_acc=_float(meta["train_acc"]),
-            test_acc=_float(meta["test_acc"]),
-            seconds=_float(meta["seconds"]),
-            config=TrainConfig.from_dict(meta["config"]),
-            val_acc=_float(meta["val_acc"]),
-            train_loss=_float(meta["train_loss"]),
-            info=meta.get("info", {}),
-            cached=True,
-        )
+        checkpoints = (load_torch(fn, ckpt, what="a checkpoint list") if ckpt.exists()
+                       else [])
+        try:
+            return cls(
+                model=load_model(d / "model.pt"),
+                history=meta["history"],
+                checkpoints=[(int(e), sd) for e, sd in checkpoints],
+                train_acc=_float(meta["train_acc"]),
+                test_acc=_float(meta["test_acc"]),
+                seconds=_float(meta["seconds"]),
+                config=TrainConfig.from_dict(meta["config"]),
+                val_acc=_float(meta["val_acc"]),
+                train_loss=_float(meta["train_loss"]),
+                info=meta.get("info", {}),
+                cached=True,
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            if isinstance(err, CorruptFileError):
+                raise
+            raise CorruptFileError(f"{fn}: expected the fields of TrainResult.save in {d}, "
+                                   f"got {type(err).__name__}: {err}", d) from None
 
 
 def _float(x: Any) -> float:
@@ -544,6 +615,8 @@ def _stackable(models: Sequence[nn.Module]) -> bool:
 def _fit(models: list[nn.Module], dataset: Dataset, cfg: TrainConfig, seeds: list[int],
          desc: str = "train") -> list[TrainResult]:
     """Train ``models`` (stacked when possible), each with its own shuffle seed."""
+    if not isinstance(cfg, TrainConfig):
+        fail("hbk.train", "config to be a TrainConfig", cfg, TypeError)
     cfg.validate()
     if not isinstance(dataset, Dataset):
         raise TypeError(f"hbk.train: expected a Dataset, got {type(dataset).__name__}")
@@ -552,7 +625,10 @@ def _fit(models: list[nn.Module], dataset: Dataset, cfg: TrainConfig, seeds: lis
     if n == 0:
         raise ValueError("hbk.train: expected a non-empty training set, got 0 samples")
     for m in models:
+        if not isinstance(m, nn.Module):
+            fail("hbk.train", "model to be an nn.Module", m, TypeError)
         m.to(cfg.dtype)
+        check_model_data("hbk.train", m, dataset.to(cfg.dtype))
     if cfg.engine == "stacked" and not _stackable(models):
         raise ValueError("hbk.train: expected identical MLP models (FNN / FNN2Layer) for "
                          f"engine='stacked', got {sorted({type(m).__name__ for m in models})}")
@@ -584,6 +660,7 @@ def _run(engine: Any, dataset: Dataset, cfg: TrainConfig, seeds: list[int],
 
     def log(epoch: int) -> None:
         losses, accs = engine.evaluate(X, y, cfg)
+        _check_finite(losses, epoch)
         _, taccs = engine.evaluate(Xt, yt, cfg)
         for s in range(S):
             h = history[s]
@@ -591,6 +668,15 @@ def _run(engine: Any, dataset: Dataset, cfg: TrainConfig, seeds: list[int],
             h["loss"].append(losses[s])
             h["train_acc"].append(accs[s])
             h["test_acc"].append(taccs[s])
+
+    def _check_finite(losses: list[float], epoch: int) -> None:
+        bad = [seeds[s] for s, v in enumerate(losses) if not math.isfinite(v)]
+        if bad:
+            raise TrainingDivergedError(
+                f"hbk.train: expected a finite training loss, got {losses[seeds.index(bad[0])]} "
+                f"at epoch {epoch} of {E} (seed{'s' if len(bad) > 1 else ''} "
+                f"{', '.join(map(str, bad))}; lr {cfg.lr:g}, optimizer {cfg.optimizer}): "
+                "training diverged and nothing was saved; try a smaller learning rate")
 
     def checkpoint(epoch: int) -> None:
         for s, sd in enumerate(engine.state_dicts()):
@@ -622,6 +708,12 @@ def _run(engine: Any, dataset: Dataset, cfg: TrainConfig, seeds: list[int],
         seconds = time.perf_counter() - start
         bar.close()
         engine.finish()
+        for s, model in enumerate(engine.models):
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                raise TrainingDivergedError(
+                    f"hbk.train: expected finite parameters after training, got non-finite "
+                    f"values (seed {seeds[s]}; lr {cfg.lr:g}): training diverged and nothing "
+                    "was saved; try a smaller learning rate")
         _, vaccs = engine.evaluate(dataset.X_val.to(cfg.dtype), dataset.y_val, cfg)
 
     out = []
@@ -726,8 +818,8 @@ def reference_config(dataset_name: str, setup: str, *, seed: int = 0,
     Returns:
         The :class:`TrainConfig`.
     """
-    if setup not in SETUPS:
-        raise ValueError(f"hbk.reference_config: expected setup in {SETUPS}, got {setup!r}")
+    check_choice("hbk.reference_config", "setup", setup, SETUPS)
+    check_dataset_name("hbk.reference_config", dataset_name)
     if setup == "wide-margin" and dataset_name != "checkerboard-linear":
         raise ValueError("hbk.reference_config: expected 'checkerboard-linear' for wide-margin "
                          f"(pretrained on checkerboard-noisy), got {dataset_name!r}")
@@ -778,10 +870,13 @@ def rescale_to_norm(model: nn.Module, target_norm: float) -> float:
     Returns:
         The factor ``n1 / n0`` applied.
     """
+    fn = "hbk.rescale_to_norm"
+    if not isinstance(model, nn.Module):
+        fail(fn, "model to be an nn.Module", model, TypeError)
+    target_norm = check_float(fn, "target_norm", target_norm, 0, lo_open=True)
     n0 = float(flatten_params(model).double().norm())
-    if not (target_norm > 0 and n0 > 0):
-        raise ValueError(f"hbk.rescale_to_norm: expected positive norms, got target "
-                         f"{target_norm!r} and model norm {n0!r}")
+    if not (math.isfinite(n0) and n0 > 0):
+        fail(fn, "a model with a finite, positive parameter norm", f"norm {n0!r}", raw=True)
     factor = target_norm / n0
     with torch.no_grad():
         for p in model.parameters():
@@ -859,19 +954,32 @@ def _cache_path(plan: _Plan, setup: str, dataset_name: str, seed: int, key: str)
 
 
 def _store(result: TrainResult, path: Path) -> None:
+    """Write a finished phase into the cache: a fresh temporary directory, then one rename
+    under the cache lock (the entry is complete or absent; concurrent writers are safe)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name[:40]}-", dir=path.parent))
     try:
         result.save(tmp)
-        if path.exists():  # an older run of the same key without the wanted checkpoints
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except OSError:
-        if not (path / "result.json").exists():
-            raise
+        with store_lock(path.parent):
+            if path.exists():  # an older or damaged entry of the same key
+                shutil.rmtree(path)
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_cached(path: Path, key: str) -> TrainResult | None:
+    """The cached phase at ``path`` if it verifies, else None (a damaged entry is named)."""
+    if not path.exists():
+        return None
+    try:
+        with store_lock(path.parent, shared=True):
+            return TrainResult.load(path, key=key)
+    except (CorruptFileError, FileNotFoundError, RuntimeError) as err:
+        warnings.warn(f"hbk: the cached model {path} is damaged or foreign and is retrained: "
+                      f"{err}", DamagedFileWarning, stacklevel=3)
+        return None
 
 
 def _run_phase(setup: str, dataset_name: str, seeds: list[int], plan: _Plan,
@@ -881,10 +989,9 @@ def _run_phase(setup: str, dataset_name: str, seeds: list[int], plan: _Plan,
     results: dict[int, TrainResult] = {}
     for s in seeds:
         path = _cache_path(plan, setup, dataset_name, s, keys[s][0])
-        if path is not None and (path / "result.json").exists():
-            hit = TrainResult.load(path)
-            if cfg.checkpoint_every in (0, hit.config.checkpoint_every):
-                results[s] = hit
+        hit = _load_cached(path, keys[s][0]) if path is not None else None
+        if hit is not None and cfg.checkpoint_every in (0, hit.config.checkpoint_every):
+            results[s] = hit
     todo = [s for s in seeds if s not in results]
     if todo:
         data_name, parent_setup, parent_data = _phase_inputs(setup, dataset_name)
@@ -940,17 +1047,32 @@ def train_setups(
     Returns:
         One :class:`TrainResult` per seed, in order.
     """
-    if setup not in SETUPS:
-        raise ValueError(f"hbk.train_setup: expected setup in {SETUPS}, got {setup!r}")
+    fn = "hbk.train_setup"
+    check_choice(fn, "setup", setup, SETUPS)
+    check_dataset_name(fn, dataset_name)
     if setup == "wide-margin" and dataset_name != "checkerboard-linear":
         raise ValueError("hbk.train_setup: expected dataset 'checkerboard-linear' for "
                          f"wide-margin, got {dataset_name!r}")
+    if epochs is not None and not isinstance(epochs, dict):
+        fail(fn, "epochs to be a dict {setup: epochs}", epochs, TypeError)
     epochs = dict(epochs or {})
     unknown = set(epochs) - set(SETUPS)
     if unknown:
         raise ValueError(f"hbk.train_setup: expected epochs keys in {SETUPS}, got "
                          f"{sorted(unknown)}")
-    seeds = [int(s) for s in seeds]
+    for k, v in epochs.items():
+        check_int(fn, f"epochs[{k!r}]", v, 0)
+    check_int(fn, "checkpoint_every", checkpoint_every, 0)
+    check_bool(fn, "quiet", quiet)
+    check_choice(fn, "random_type", random_type, ("uniform", "within"))
+    if width is not None:
+        for w in (width if isinstance(width, (tuple, list)) else [width]):
+            check_int(fn, "width", w, 1)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        fail(fn, "dtype to be a floating torch.dtype", dtype, TypeError, raw=True)
+    if isinstance(seeds, (int, str)) or not isinstance(seeds, Sequence):
+        fail(fn, "seeds to be a sequence of ints", seeds, TypeError)
+    seeds = [check_int(fn, "seed", s, 0) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"hbk.train_setup: expected distinct seeds, got {seeds}")
     plan = _Plan(width=width, epochs=epochs,
