@@ -31,7 +31,7 @@ from torch import nn
 
 from .checks import check_bool, check_int, describe, fail
 
-__all__ = ["Batch", "BatchSource", "TARGET_KEYS", "ForwardCall", "DEFAULT_CACHE_BYTES"]
+__all__ = ["DEFAULT_CACHE_BYTES", "TARGET_KEYS", "Batch", "BatchSource", "ForwardCall"]
 
 TARGET_KEYS = ("labels", "label", "targets", "target", "y")
 DEFAULT_CACHE_BYTES = 1 << 30
@@ -71,7 +71,12 @@ def _nbytes(obj: Any) -> int:
 
 
 def _is_random_loader(data: Any) -> bool:
-    from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
+    from torch.utils.data import (
+        DataLoader,
+        RandomSampler,
+        SubsetRandomSampler,
+        WeightedRandomSampler,
+    )
 
     if not isinstance(data, DataLoader):
         return False

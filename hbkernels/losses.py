@@ -32,7 +32,7 @@ from torch import nn
 
 from .checks import fail
 
-__all__ = ["Loss", "as_loss", "LOSS_NAMES", "REDUCTIONS"]
+__all__ = ["LOSS_NAMES", "REDUCTIONS", "Loss", "as_loss"]
 
 REDUCTIONS = ("mean", "sum")
 _ALIASES = {"ce": "cross_entropy", "cross_entropy": "cross_entropy", "nll": "nll", "mse": "mse",

@@ -27,7 +27,7 @@ from .data import Batch, BatchSource, ForwardCall
 from .losses import Loss, as_loss
 from .params import trainable_parameters
 
-__all__ = ["Objective", "select_params", "check_model_is_deterministic"]
+__all__ = ["Objective", "check_model_is_deterministic", "select_params"]
 
 _PREFIX = "model."
 

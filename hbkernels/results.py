@@ -20,10 +20,11 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
+from typing_extensions import Self
 
 from .fileio import atomic_torch_save, atomic_write_text
 
-__all__ = ["Result", "to_jsonable", "save_json", "load_result"]
+__all__ = ["Result", "load_result", "save_json", "to_jsonable"]
 
 _FORMAT = "hbkernels-result-1"
 _REGISTRY: dict[str, type[Result]] = {}
@@ -157,7 +158,7 @@ class Result:
         return path
 
     @classmethod
-    def load(cls: type[R], path: str | Path) -> R:
+    def load(cls, path: str | Path) -> Self:
         """Rebuild a result saved by :meth:`save`; raises ValueError naming the file if it is
         damaged, of another type, or its tensor file is missing."""
         out = load_result(path)
@@ -167,7 +168,7 @@ class Result:
         return out
 
     @classmethod
-    def _from_fields(cls: type[R], fields: dict[str, Any]) -> R:
+    def _from_fields(cls, fields: dict[str, Any]) -> Self:
         known = {f.name: f for f in dataclasses.fields(cls)}
         kwargs, late = {}, {}
         for name, value in fields.items():
