@@ -14,6 +14,7 @@ from .ops import (  # noqa: E402  (loads and checks the extension first)
     ghost_alignment,
     ghost_dots,
     ghost_gram,
+    ghost_products,
     ghost_sq_norms,
     gram,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "ghost_gram",
     "ghost_dots",
     "ghost_sq_norms",
+    "ghost_products",
     "ghost_alignment",
     "cosine_from_dots",
     "flatten_params",

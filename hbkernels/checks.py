@@ -14,14 +14,15 @@ from typing import Any
 import torch
 
 __all__ = [
-    "describe",
-    "fail",
     "check_bool",
     "check_choice",
-    "check_int",
     "check_float",
-    "check_tensor",
+    "check_int",
     "check_seed",
+    "check_tensor",
+    "check_that",
+    "describe",
+    "fail",
 ]
 
 FLOATS = (torch.float32, torch.float64)
@@ -39,6 +40,15 @@ def describe(x: Any) -> str:
 def fail(fn: str, what: str, got: Any, exc: type[Exception] = ValueError, raw: bool = False):
     """Raise ``exc("<fn>: expected <what>, got <got>")``; ``raw`` uses ``got`` as text."""
     raise exc(f"{fn}: expected {what}, got {got if raw else describe(got)}")
+
+
+def check_that(cond: Any, fn: str, what: str, got: Any, exc: type[Exception] = ValueError):
+    """:func:`fail` unless ``cond``; ``got`` is text. ``cond`` may be a symbolic bool (shape
+    relations inside fake kernels / torch.compile), so it goes through ``torch._check_with``.
+    Skipped while dynamo traces the caller: the traced op's fake kernel checks again."""
+    if torch.compiler.is_dynamo_compiling():
+        return
+    torch._check_with(exc, cond, lambda: f"{fn}: expected {what}, got {got}")
 
 
 def check_bool(fn: str, name: str, value: Any) -> bool:

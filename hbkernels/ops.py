@@ -1,7 +1,14 @@
-"""Typed, validated wrappers over ``torch.ops.hbkernels.*`` and their fake kernels.
+"""Typed, validated wrappers over ``torch.ops.hbkernels.*``.
 
-The C++ kernels check their inputs too; the checks here come first so that errors name the
-public function and argument (DESIGN.md, "Errors").
+The checks here come first so that errors name the public function and argument (DESIGN.md,
+"Errors"); the same rules guard the raw ops' fake kernels, and the C++ kernels check again
+(see :mod:`hbkernels._opdefs`, which also registers the autograd formulas).
+
+Conventions of every op: float32 or float64, all tensors of one call on one device; NaN in
+gives NaN out; a zero norm gives cosine 0 (see :mod:`hbkernels.reference`). ``gram``,
+``cosine_alignment`` and ``cosine_from_dots`` are differentiable; the ghost ops raise
+``NotImplementedError("hbk.<op> is not differentiable ...")`` when an input requires grad
+(call them on detached factors or under ``torch.no_grad()``).
 """
 
 from __future__ import annotations
@@ -10,109 +17,30 @@ from collections.abc import Sequence
 
 import torch
 
-from ._loader import load_extension
+from ._opdefs import (
+    validate_cosine_alignment,
+    validate_cosine_from_dots,
+    validate_factors,
+    validate_flags,
+    validate_gram,
+    validate_products,
+    validate_vectors,
+)
 
-load_extension()
 _ops = torch.ops.hbkernels
 
 __all__ = [
-    "gram",
     "cosine_alignment",
-    "ghost_gram",
-    "ghost_dots",
-    "ghost_sq_norms",
-    "ghost_alignment",
     "cosine_from_dots",
+    "ghost_alignment",
+    "ghost_dots",
+    "ghost_gram",
+    "ghost_products",
+    "ghost_sq_norms",
+    "gram",
 ]
 
-_FLOATS = (torch.float32, torch.float64)
 
-
-# ----------------------------------------------------------------------------- validation
-def _check_tensor(fn: str, name: str, t, dims: tuple[int, ...]) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{fn}: expected {name} to be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOATS:
-        raise TypeError(f"{fn}: expected {name} to be float32 or float64, got {t.dtype}")
-    if t.dim() not in dims:
-        want = " or ".join(f"{d}-D" for d in dims)
-        raise ValueError(f"{fn}: expected {name} to be {want}, got shape {tuple(t.shape)}")
-
-
-def _check_like(fn: str, name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
-    if t.dtype != ref.dtype:
-        raise TypeError(f"{fn}: expected {name} to have dtype {ref.dtype}, got {t.dtype}")
-    if t.device != ref.device:
-        raise TypeError(f"{fn}: expected {name} on device {ref.device}, got {t.device}")
-
-
-def _check_factors(fn: str, inputs, output_grads) -> tuple[list, list]:
-    inputs, output_grads = list(inputs), list(output_grads)
-    if not inputs:
-        raise ValueError(f"{fn}: expected at least one layer in inputs, got none")
-    if len(output_grads) != len(inputs):
-        raise ValueError(
-            f"{fn}: expected one output_grads entry per layer ({len(inputs)}), "
-            f"got {len(output_grads)}"
-        )
-    ref = inputs[0]
-    _check_tensor(fn, "inputs[0]", ref, (2, 3))
-    for i, (a, d) in enumerate(zip(inputs, output_grads)):
-        _check_tensor(fn, f"inputs[{i}]", a, (2, 3))
-        _check_tensor(fn, f"output_grads[{i}]", d, (2, 3))
-        _check_like(fn, f"inputs[{i}]", a, ref)
-        _check_like(fn, f"output_grads[{i}]", d, ref)
-        if a.dim() != d.dim() or a.shape[:-1] != d.shape[:-1]:
-            raise ValueError(
-                f"{fn}: expected inputs[{i}] and output_grads[{i}] to share the leading "
-                f"(n,) or (n, T) dimensions, got {tuple(a.shape)} and {tuple(d.shape)}"
-            )
-        if a.shape[0] != ref.shape[0]:
-            raise ValueError(
-                f"{fn}: expected every layer to have n = {ref.shape[0]} samples, "
-                f"got {a.shape[0]} in inputs[{i}]"
-            )
-    return inputs, output_grads
-
-
-def _check_vectors(fn: str, inputs, weight_vectors, bias_vectors) -> tuple[list, list]:
-    weight_vectors, bias_vectors = list(weight_vectors), list(bias_vectors)
-    if len(weight_vectors) != len(inputs) or len(bias_vectors) != len(inputs):
-        raise ValueError(
-            f"{fn}: expected one weight_vectors and one bias_vectors entry per layer "
-            f"({len(inputs)}), got {len(weight_vectors)} and {len(bias_vectors)}"
-        )
-    k = None
-    for i, (a, w, b) in enumerate(zip(inputs, weight_vectors, bias_vectors)):
-        _check_tensor(fn, f"weight_vectors[{i}]", w, (3,))
-        _check_like(fn, f"weight_vectors[{i}]", w, a)
-        k = w.shape[2] if k is None else k
-        if w.shape[1] != a.shape[-1] or w.shape[2] != k:
-            raise ValueError(
-                f"{fn}: expected weight_vectors[{i}] of shape (d_out, {a.shape[-1]}, {k}), "
-                f"got {tuple(w.shape)}"
-            )
-        if b is not None:
-            _check_tensor(fn, f"bias_vectors[{i}]", b, (2,))
-            _check_like(fn, f"bias_vectors[{i}]", b, a)
-            if tuple(b.shape) != (w.shape[0], k):
-                raise ValueError(
-                    f"{fn}: expected bias_vectors[{i}] of shape ({w.shape[0]}, {k}), "
-                    f"got {tuple(b.shape)}"
-                )
-    return weight_vectors, bias_vectors
-
-
-def _check_out_dims(fn: str, output_grads, weight_vectors) -> None:
-    for i, (d, w) in enumerate(zip(output_grads, weight_vectors)):
-        if w.shape[0] != d.shape[-1]:
-            raise ValueError(
-                f"{fn}: expected weight_vectors[{i}] of shape ({d.shape[-1]}, d_in, k), "
-                f"got {tuple(w.shape)}"
-            )
-
-
-# ----------------------------------------------------------------------------- public ops
 def gram(grads: torch.Tensor) -> torch.Tensor:
     """Gram matrix ``K = G G^T`` of per-sample gradients.
 
@@ -121,9 +49,9 @@ def gram(grads: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(n, n)``, exactly symmetric. Computes only the upper triangle (half the GEMM work
-        of ``G @ G.T``).
+        of ``G @ G.T``). Differentiable (``dG = (dK + dK^T) G``).
     """
-    _check_tensor("hbk.gram", "grads", grads, (2,))
+    validate_gram("hbk.gram", grads)
     return _ops.gram(grads)
 
 
@@ -135,16 +63,10 @@ def cosine_alignment(grads: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor
         vectors: ``V``, shape ``(p, k)``, same dtype and device.
 
     Returns:
-        ``(n, k)``. A zero row ``g_i`` or zero column ``v_j`` gives alignment 0, never NaN.
+        ``(n, k)``. A zero row ``g_i`` or zero column ``v_j`` gives alignment 0, never NaN (and
+        gradient 0 there); NaN gives NaN. Differentiable.
     """
-    fn = "hbk.cosine_alignment"
-    _check_tensor(fn, "grads", grads, (2,))
-    _check_tensor(fn, "vectors", vectors, (2,))
-    _check_like(fn, "vectors", vectors, grads)
-    if vectors.shape[0] != grads.shape[1]:
-        raise ValueError(
-            f"{fn}: expected vectors of shape ({grads.shape[1]}, k), got {tuple(vectors.shape)}"
-        )
+    validate_cosine_alignment("hbk.cosine_alignment", grads, vectors)
     return _ops.cosine_alignment(grads, vectors)
 
 
@@ -163,18 +85,15 @@ def ghost_gram(
         inputs: layer inputs ``A_l``, each ``(n, d_in)`` or ``(n, T, d_in)``.
         output_grads: gradients of the per-sample losses w.r.t. the layer outputs ``D_l``,
             each ``(n, d_out)`` or ``(n, T, d_out)``.
-        has_bias: whether each layer has a bias (``b_l = 1``).
+        has_bias: whether each layer has a bias (``b_l = 1``): real bools, one per layer.
 
     Returns:
         ``(n, n)``, exactly symmetric; computed tile by tile (no per-layer ``n x n`` buffer).
+        Not differentiable.
     """
     fn = "hbk.ghost_gram"
-    inputs, output_grads = _check_factors(fn, inputs, output_grads)
-    has_bias = [bool(b) for b in has_bias]
-    if len(has_bias) != len(inputs):
-        raise ValueError(
-            f"{fn}: expected one has_bias flag per layer ({len(inputs)}), got {len(has_bias)}"
-        )
+    inputs, output_grads = validate_factors(fn, inputs, output_grads)
+    has_bias = validate_flags(fn, has_bias, len(inputs))
     return _ops.ghost_gram(inputs, output_grads, has_bias)
 
 
@@ -194,12 +113,12 @@ def ghost_dots(
         bias_vectors: per layer, the bias part ``(d_out, k)``, or None for no bias.
 
     Returns:
-        ``(n, k)`` raw inner products.
+        ``(n, k)`` raw inner products. Not differentiable.
     """
     fn = "hbk.ghost_dots"
-    inputs, output_grads = _check_factors(fn, inputs, output_grads)
-    weight_vectors, bias_vectors = _check_vectors(fn, inputs, weight_vectors, bias_vectors)
-    _check_out_dims(fn, output_grads, weight_vectors)
+    inputs, output_grads = validate_factors(fn, inputs, output_grads)
+    weight_vectors, bias_vectors = validate_vectors(fn, inputs, output_grads, weight_vectors,
+                                                    bias_vectors)
     return _ops.ghost_dots(inputs, output_grads, weight_vectors, bias_vectors)
 
 
@@ -213,16 +132,38 @@ def ghost_sq_norms(
     Args: as in :func:`ghost_gram`.
 
     Returns:
-        ``(n,)``.
+        ``(n,)``, ``>= 0``. Not differentiable.
     """
     fn = "hbk.ghost_sq_norms"
-    inputs, output_grads = _check_factors(fn, inputs, output_grads)
-    has_bias = [bool(b) for b in has_bias]
-    if len(has_bias) != len(inputs):
-        raise ValueError(
-            f"{fn}: expected one has_bias flag per layer ({len(inputs)}), got {len(has_bias)}"
-        )
+    inputs, output_grads = validate_factors(fn, inputs, output_grads)
+    has_bias = validate_flags(fn, has_bias, len(inputs))
     return _ops.ghost_sq_norms(inputs, output_grads, has_bias)
+
+
+def ghost_products(
+    inputs: Sequence[torch.Tensor],
+    output_grads: Sequence[torch.Tensor],
+    has_bias: Sequence[bool],
+    weight_vectors: Sequence[torch.Tensor],
+    bias_vectors: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dots ``<g_i, v_j>`` and squared norms ``|g_i|^2`` from factors in one call.
+
+    The result of :func:`ghost_dots` and :func:`ghost_sq_norms` together, with the factors
+    validated and viewed once (the per-sample engine's one call per block).
+
+    Args:
+        inputs, output_grads, has_bias: as in :func:`ghost_gram`.
+        weight_vectors: per layer, ``(d_out, d_in, k)`` as in :func:`ghost_dots`.
+        bias_vectors: the bias parts ``(d_out, k)``, one per layer **with a bias**, in layer
+            order (packed: no entry for a layer without bias).
+
+    Returns:
+        ``(dots, sq_norms)``: ``(n, k)`` and ``(n,)`` (``>= 0``). Not differentiable.
+    """
+    inputs, output_grads, has_bias, weight_vectors, bias_vectors = validate_products(
+        "hbk.ghost_products", inputs, output_grads, has_bias, weight_vectors, bias_vectors)
+    return _ops.ghost_products(inputs, output_grads, has_bias, weight_vectors, bias_vectors)
 
 
 def ghost_alignment(
@@ -234,73 +175,36 @@ def ghost_alignment(
     """Cosine alignment of per-sample gradients with vectors, from per-layer factors.
 
     ``C[i, j] = <g_i, v_j> / (|g_i| |v_j|)`` where ``g_i`` and ``v_j`` cover exactly the given
-    layers' parameters. Zero norms give 0. Arguments as in :func:`ghost_dots`.
+    layers' parameters. Zero norms give 0; NaN gives NaN. Arguments as in :func:`ghost_dots`.
 
     Returns:
-        ``(n, k)``.
+        ``(n, k)``. Not differentiable.
     """
     fn = "hbk.ghost_alignment"
-    inputs, output_grads = _check_factors(fn, inputs, output_grads)
-    weight_vectors, bias_vectors = _check_vectors(fn, inputs, weight_vectors, bias_vectors)
-    _check_out_dims(fn, output_grads, weight_vectors)
+    inputs, output_grads = validate_factors(fn, inputs, output_grads)
+    weight_vectors, bias_vectors = validate_vectors(fn, inputs, output_grads, weight_vectors,
+                                                    bias_vectors)
     return _ops.ghost_alignment(inputs, output_grads, weight_vectors, bias_vectors)
 
 
 def cosine_from_dots(
     dots: torch.Tensor, grad_sq_norms: torch.Tensor, vector_sq_norms: torch.Tensor
 ) -> torch.Tensor:
-    """``dots[i, j] / (sqrt(grad_sq_norms[i]) sqrt(vector_sq_norms[j]))``, 0 where a norm is 0.
+    """``dots[i, j] / (sqrt(grad_sq_norms[i]) sqrt(vector_sq_norms[j]))``.
 
     Combines partial results (e.g. factored layers plus other parameters) into a cosine.
+
+    Args:
+        dots: ``(n, k)``, float32 or float64.
+        grad_sq_norms: ``(n,)``, same dtype and device, ``>= 0``.
+        vector_sq_norms: ``(k,)``, same dtype and device, ``>= 0``.
+
+    Returns:
+        ``(n, k)``; 0 where a squared norm is 0 (gradient 0 there), NaN where an input is NaN.
+        Differentiable in all three arguments.
+
+    Raises:
+        ValueError: a negative squared norm (checked in the kernel, which names the argument).
     """
-    fn = "hbk.cosine_from_dots"
-    _check_tensor(fn, "dots", dots, (2,))
-    _check_tensor(fn, "grad_sq_norms", grad_sq_norms, (1,))
-    _check_tensor(fn, "vector_sq_norms", vector_sq_norms, (1,))
-    _check_like(fn, "grad_sq_norms", grad_sq_norms, dots)
-    _check_like(fn, "vector_sq_norms", vector_sq_norms, dots)
-    if grad_sq_norms.shape[0] != dots.shape[0] or vector_sq_norms.shape[0] != dots.shape[1]:
-        raise ValueError(
-            f"{fn}: expected grad_sq_norms ({dots.shape[0]},) and vector_sq_norms "
-            f"({dots.shape[1]},), got {tuple(grad_sq_norms.shape)} and "
-            f"{tuple(vector_sq_norms.shape)}"
-        )
+    validate_cosine_from_dots("hbk.cosine_from_dots", dots, grad_sq_norms, vector_sq_norms)
     return _ops.cosine_from_dots(dots, grad_sq_norms, vector_sq_norms)
-
-
-# ----------------------------------------------------------------------------- fake kernels
-# Shapes only, so torch.compile / FakeTensor tracing works without running the kernels.
-@torch.library.register_fake("hbkernels::gram")
-def _gram_fake(grads):
-    return grads.new_empty((grads.shape[0], grads.shape[0]))
-
-
-@torch.library.register_fake("hbkernels::ghost_gram")
-def _ghost_gram_fake(inputs, output_grads, has_bias):
-    n = inputs[0].shape[0]
-    return inputs[0].new_empty((n, n))
-
-
-@torch.library.register_fake("hbkernels::cosine_alignment")
-def _cosine_alignment_fake(grads, vectors):
-    return grads.new_empty((grads.shape[0], vectors.shape[1]))
-
-
-@torch.library.register_fake("hbkernels::ghost_dots")
-def _ghost_dots_fake(inputs, output_grads, weight_vectors, bias_vectors):
-    return inputs[0].new_empty((inputs[0].shape[0], weight_vectors[0].shape[2]))
-
-
-@torch.library.register_fake("hbkernels::ghost_sq_norms")
-def _ghost_sq_norms_fake(inputs, output_grads, has_bias):
-    return inputs[0].new_empty((inputs[0].shape[0],))
-
-
-@torch.library.register_fake("hbkernels::ghost_alignment")
-def _ghost_alignment_fake(inputs, output_grads, weight_vectors, bias_vectors):
-    return inputs[0].new_empty((inputs[0].shape[0], weight_vectors[0].shape[2]))
-
-
-@torch.library.register_fake("hbkernels::cosine_from_dots")
-def _cosine_from_dots_fake(dots, grad_sq_norms, vector_sq_norms):
-    return dots.new_empty(dots.shape)

@@ -1,7 +1,11 @@
 """Plain-torch references for every kernel: the ground truth of tests and benchmarks.
 
 Each function is the obvious composite of torch ops, with the same conventions as the kernel
-it mirrors (zero norms give alignment 0). They favour clarity over memory.
+it mirrors. They favour clarity over memory.
+
+Conventions (shared with the kernels): a zero norm (a zero gradient ``g_i`` or a zero vector
+``v_j``) gives cosine 0, never NaN (the cosine is undefined there; 0 is "no alignment"). NaN in
+gives NaN out: a NaN norm is never turned into 0.
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ from collections.abc import Sequence
 import torch
 
 
-def _safe_inv(norms: torch.Tensor) -> torch.Tensor:
-    return torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+def safe_inverse(norms: torch.Tensor) -> torch.Tensor:
+    """``1 / norms``, 0 where ``norms == 0`` (the zero-norm convention); NaN stays NaN."""
+    return torch.where(norms == 0, torch.zeros_like(norms), 1.0 / norms)
 
 
 def _as_3d(t: torch.Tensor) -> torch.Tensor:
@@ -27,15 +32,16 @@ def gram(grads: torch.Tensor) -> torch.Tensor:
 def cosine_alignment(grads: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """``(G V) / (|g_i| |v_j|)`` with zero norms giving 0."""
     dots = grads @ vectors
-    return dots * _safe_inv(grads.norm(dim=1))[:, None] * _safe_inv(vectors.norm(dim=0))[None, :]
+    rg, rv = safe_inverse(grads.norm(dim=1)), safe_inverse(vectors.norm(dim=0))
+    return dots * rg[:, None] * rv[None, :]
 
 
 def cosine_from_dots(dots, grad_sq_norms, vector_sq_norms) -> torch.Tensor:
     """``dots / (sqrt(g) sqrt(v))`` with zero norms giving 0."""
     return (
         dots
-        * _safe_inv(grad_sq_norms.sqrt())[:, None]
-        * _safe_inv(vector_sq_norms.sqrt())[None, :]
+        * safe_inverse(grad_sq_norms.sqrt())[:, None]
+        * safe_inverse(vector_sq_norms.sqrt())[None, :]
     )
 
 
@@ -87,6 +93,14 @@ def ghost_dots(inputs, output_grads, weight_vectors, bias_vectors) -> torch.Tens
 def ghost_sq_norms(inputs, output_grads, has_bias) -> torch.Tensor:
     """Squared norms of the rows of :func:`per_sample_grads_from_factors`."""
     return per_sample_grads_from_factors(inputs, output_grads, has_bias).square().sum(1)
+
+
+def ghost_products(inputs, output_grads, has_bias, weight_vectors, bias_vectors):
+    """``(ghost_dots, ghost_sq_norms)``; ``bias_vectors`` packed (one per layer with a bias)."""
+    it = iter(bias_vectors)
+    per_layer = [next(it) if b else None for b in has_bias]
+    return (ghost_dots(inputs, output_grads, weight_vectors, per_layer),
+            ghost_sq_norms(inputs, output_grads, has_bias))
 
 
 def ghost_alignment(inputs, output_grads, weight_vectors, bias_vectors) -> torch.Tensor:
