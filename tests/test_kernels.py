@@ -164,6 +164,61 @@ def test_ghost_kernels_empty_and_zero_rows(dtype):
     assert hbk.ghost_sq_norms(A, D, B)[1] == 0
 
 
+@pytest.mark.parametrize("n", [0, 1, 7, 131])
+@pytest.mark.parametrize("T", [None, 3])
+@pytest.mark.parametrize("k", [0, 1, 6])
+def test_ghost_products_match_reference_and_separate_calls(n, T, k, dtype):
+    layers = [(9, 4, True), (4, 12, False), (5, 5, True)]  # both contraction orders
+    A, D, B = _factors(n, layers, dtype, T=T)
+    W, Wb = _vectors(layers, k, dtype)
+    packed = [b for b in Wb if b is not None]
+    dots, sq = hbk.ghost_products(A, D, B, W, packed)
+    assert dots.shape == (n, k) and sq.shape == (n,)
+    assert dots.dtype == sq.dtype == dtype
+    want_dots, want_sq = ref.ghost_products(A, D, B, W, packed)
+    assert_close_scaled(dots, want_dots)
+    assert_close_scaled(sq, want_sq)
+    assert_close_scaled(dots, hbk.ghost_dots(A, D, W, Wb))
+    assert_close_scaled(sq, hbk.ghost_sq_norms(A, D, B))
+
+
+def test_ghost_products_mixed_2d_3d_noncontiguous(dtype):
+    n, k = 29, 5
+    A = [_randn(n, 6, dtype=dtype).T.contiguous().T,             # column-major
+         _randn(n, 4, 2 * 7, dtype=dtype, seed=1)[:, :, ::2],     # strided last dim
+         _randn(4, n, 3, dtype=dtype, seed=2).transpose(0, 1)]   # (n, T=4, 3), n not outermost
+    D = [_randn(n, 2 * 5, dtype=dtype, seed=3)[:, 1::2],
+         _randn(n, 4, 3, dtype=dtype, seed=4),
+         _randn(n, 4, 8, dtype=dtype, seed=5)[:, :, 2:]]
+    B = [True, False, True]
+    W = [_randn(k, 5, 6, dtype=dtype, seed=6).permute(1, 2, 0),
+         _randn(3, 7, k, dtype=dtype, seed=7),
+         _randn(6, 3, 2 * k, dtype=dtype, seed=8)[:, :, ::2]]
+    packed = [_randn(k, 5, dtype=dtype, seed=9).T, _randn(6, k, dtype=dtype, seed=10)]
+    assert not all(t.is_contiguous() for t in A + D + W + packed)
+    dots, sq = hbk.ghost_products(A, D, B, W, packed)
+    want_dots, want_sq = ref.ghost_products(A, D, B, W, packed)
+    assert_close_scaled(dots, want_dots)
+    assert_close_scaled(sq, want_sq)
+    G = ref.per_sample_grads_from_factors(A, D, B)
+    assert_close_scaled(sq, G.square().sum(1))
+
+
+def test_ghost_sq_norms_never_negative_for_a_cancelling_gradient():
+    # T = 2 positions whose contributions cancel exactly: g_i = d a^T - d a^T = 0. The T x T
+    # form sums (a.a)(d.d) terms of both signs; rounding must not leave a negative norm.
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 1, 40, generator=g, dtype=torch.float32) * 3
+    d = torch.randn(64, 1, 50, generator=g, dtype=torch.float32) * 7
+    A, D = [torch.cat([a, a * 1.1], 1)], [torch.cat([d, -d / 1.1], 1)]
+    sq = hbk.ghost_sq_norms(A, D, [False])
+    assert (sq >= 0).all()
+    dots, sq2 = hbk.ghost_products(A, D, [False], [torch.randn(50, 40, 2, generator=g)], [])
+    assert (sq2 >= 0).all()
+    C = hbk.ghost_alignment(A, D, [torch.randn(50, 40, 2, generator=g)], [None])
+    assert not torch.isnan(C).any()
+
+
 def test_cosine_from_dots(dtype):
     dots, g, v = _randn(6, 4, dtype=dtype), _randn(6, dtype=dtype).abs(), _randn(4, dtype=dtype).abs()
     g[0], v[2] = 0, 0
