@@ -215,8 +215,12 @@ def test_determinism_split_seed_and_dtype():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="hbk.load_dataset: expected one of"):
+    with pytest.raises(ValueError, match="hbk.load_dataset: expected a dataset name, one of gauss"):
         load_dataset("gaussian")
+    with pytest.raises(TypeError, match="hbk.load_dataset: expected a dataset name"):
+        load_dataset(3)
+    with pytest.raises(ValueError, match="distinct class digits"):
+        load_dataset("mnist-")
     with pytest.raises(TypeError, match="hbk.load_dataset: expected a floating torch.dtype"):
         load_dataset("gauss", dtype=torch.int64)
     with pytest.raises(ValueError, match="distinct class digits"):

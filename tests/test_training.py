@@ -217,14 +217,34 @@ def test_result_json_save_and_load(gauss, tmp_path):
 
 
 def test_config_validation(gauss):
+    inf, nan = float("inf"), float("nan")
     for bad, msg in (({"epochs": -1}, "epochs >= 0"), ({"batch_size": 0}, "batch_size"),
-                     ({"optimizer": "lbfgs"}, "optimizer in"), ({"loss": "l1"}, "loss in"),
+                     ({"optimizer": "lbfgs"}, "optimizer to be one of"),
+                     ({"loss": "l1"}, "loss to be one of"),
                      ({"momentum": 0.9, "optimizer": "adam"}, "momentum only"),
-                     ({"engine": "jit"}, "engine in")):
+                     ({"engine": "jit"}, "engine to be one of"),
+                     ({"lr": inf}, "lr to be finite"), ({"lr": nan}, "lr to be finite"),
+                     ({"lr": 0.0}, "lr > 0"), ({"lr": -1e-3}, "lr > 0"),
+                     ({"momentum": nan}, "momentum to be finite"),
+                     ({"momentum": 1.0}, "momentum < 1"), ({"momentum": -0.1}, "momentum >= 0"),
+                     ({"weight_decay": inf}, "weight_decay to be finite"),
+                     ({"weight_decay": -1.0}, "weight_decay >= 0"),
+                     ({"gamma": nan}, "gamma to be finite"),
+                     ({"checkpoint_every": -5}, "checkpoint_every >= 0"),
+                     ({"batch_size": "half"}, "batch_size 'full' or an int"),
+                     ({"milestones": (0,)}, "milestones entries >= 1"),
+                     ({"log_every": 0}, "log_every >= 1"), ({"threads": 0}, "threads >= 1"),
+                     ({"seed": -1}, "seed >= 0")):
         with pytest.raises(ValueError, match=f"hbk.TrainConfig: expected {msg}"):
             train(make_model("fnn2", 2, 3, width=4), gauss, TrainConfig(**bad))
     with pytest.raises(TypeError, match="floating torch.dtype"):
         TrainConfig(dtype=torch.int32).validate()
+    for bad, msg in (({"epochs": 2.5}, "epochs to be an int"), ({"lr": "0.1"}, "lr to be a real"),
+                     ({"batch_size": 1.5}, "batch_size 'full' or an int"),
+                     ({"quiet": "no"}, "quiet to be True or False"),
+                     ({"epochs": True}, "epochs to be an int")):
+        with pytest.raises(TypeError, match=f"hbk.TrainConfig: expected {msg}"):
+            TrainConfig(**bad).validate()
     assert TrainConfig.from_dict(TrainConfig(milestones=(3,)).to_dict()) == TrainConfig(
         milestones=(3,))
 
@@ -342,7 +362,7 @@ def test_cache_trains_each_phase_once(tmp_path, monkeypatch):
     assert [e for e, _ in ck.checkpoints] == [0, 5, 10]
     assert train_setup("adversarial", "gauss", seed=0, checkpoint_every=5, **kw).cached
     assert len(calls) == 5
-    dirs = sorted(p.name.split("--")[1] for p in tmp_path.iterdir())
+    dirs = sorted(p.name.split("--")[1] for p in tmp_path.iterdir() if not p.name.startswith("."))
     assert dirs == ["adversarial", "adversarial", "large-norm", "random-label"]
 
 
@@ -367,8 +387,21 @@ def test_within_hierarchy_random_labels_and_float64():
 
 
 def test_setup_errors():
-    with pytest.raises(ValueError, match="hbk.train_setup: expected setup in"):
+    with pytest.raises(ValueError, match="hbk.train_setup: expected setup to be one of"):
         train_setup("sharp", "gauss", seed=0)
+    with pytest.raises(ValueError, match=r"expected a dataset name, one of gauss.*got 'nope'"):
+        train_setup("normal", "nope", seed=0)
+    with pytest.raises(ValueError, match=r"hbk.reference_config: expected a dataset name"):
+        reference_config("nope", "normal")
+    for kw, exc, msg in (({"epochs": {"normal": -3}}, ValueError, r"epochs\['normal'\] >= 0"),
+                         ({"checkpoint_every": -5}, ValueError, "checkpoint_every >= 0"),
+                         ({"width": 0}, ValueError, "width >= 1"),
+                         ({"quiet": "yes"}, TypeError, "quiet to be True or False"),
+                         ({"random_type": "x"}, ValueError, "random_type to be one of")):
+        with pytest.raises(exc, match=f"hbk.train_setup: expected {msg}"):
+            train_setup("normal", "gauss", seed=0, **kw)
+    with pytest.raises(ValueError, match="hbk.train_setup: expected seed >= 0"):
+        train_setups("normal", "gauss", [-1])
     with pytest.raises(ValueError, match="expected epochs keys in"):
         train_setup("normal", "gauss", seed=0, epochs={"pretrain": 3})
     with pytest.raises(ValueError, match="expected distinct seeds"):

@@ -458,8 +458,12 @@ def check_dataset_name(fn: str, name: Any) -> str:
     if not isinstance(name, str):
         raise TypeError(f"{fn}: expected a dataset name (str), got {type(name).__name__}")
     family, dash, spec = name.partition("-")
-    if name in _GENERATORS or (family in _FAMILIES and (not dash or (
-            spec.isdigit() and len(set(spec)) == len(spec) and len(spec) >= 1))):
+    if name in _GENERATORS or (family in _FAMILIES and not dash):
+        return name
+    if family in _FAMILIES:
+        if not spec.isdigit() or len(set(spec)) != len(spec):
+            raise ValueError(f"{fn}: expected distinct class digits after '-' (e.g. "
+                             f"'{family}-017'), got {name!r}")
         return name
     shown = ", ".join(list(_SYNTHETIC) + [f"{f}-<classes>" for f in _FAMILIES] + ["mnist", "cifar"])
     raise ValueError(f"{fn}: expected a dataset name, one of {shown} (<classes>: distinct "

@@ -20,10 +20,13 @@ Compute profiles (see ``demo_budget.md``):
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import platform
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,9 +36,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checks import check_choice, check_float, check_int, fail
+from ..fileio import CorruptFileError, DamagedFileWarning, atomic_write_bytes, \
+    atomic_write_text, check_writable, load_torch, read_json, sha256_bytes, sha256_file, \
+    store_lock
 from . import measures as M
 from . import plots as P
-from .datasets import Dataset, load_dataset
+from .datasets import Dataset, check_dataset_name, load_dataset
 from .margin import estimate_margin
 from .training import TrainResult, reference_config, train_setups
 
@@ -88,6 +95,7 @@ PAPER_TABLE2 = {
                    "adversarial": (0.135, 2.938, 0.844, 398.19)},
 }
 _RUN_VERSION = 1
+_STORE_FORMAT = "hbk-run-2"
 _BUDGET_CAPPED = TABLE1_DATASETS + ("checkerboard-noisy", "hierarchical-2")
 _KEEP = 25  # top eigenvectors / training alignments stored per run
 
@@ -126,15 +134,27 @@ class Settings:
     dtype: str = "float64"
 
     def __post_init__(self) -> None:
-        if self.profile not in ("budget", "reference"):
-            raise ValueError(f"hbk.boundary.Settings: expected profile 'budget' or 'reference', got {self.profile!r}")
-        if self.rule not in M.RULES:
-            raise ValueError(f"hbk.boundary.Settings: expected rule 'max' or 'mean', got {self.rule!r}")
-        if not self.epochs_scale > 0:
-            raise ValueError(f"hbk.boundary.Settings: expected epochs_scale > 0, got {self.epochs_scale}")
+        fn = "hbk.boundary.Settings"
+        check_choice(fn, "profile", self.profile, ("budget", "reference"))
+        check_choice(fn, "rule", self.rule, tuple(M.RULES))
+        if self.width is not None:
+            check_int(fn, "width", self.width, 1)
+        if not isinstance(self.epochs, dict):
+            fail(fn, "epochs to be a dict {phase: epochs}", self.epochs, TypeError)
         bad = set(self.epochs) - set(PHASES)
         if bad:
-            raise ValueError(f"hbk.boundary.Settings: expected epochs keys in {PHASES}, got {sorted(bad)}")
+            raise ValueError(f"{fn}: expected epochs keys in {PHASES}, got {sorted(bad)}")
+        for k, v in self.epochs.items():
+            check_int(fn, f"epochs[{k!r}]", v, 0)
+        check_float(fn, "epochs_scale", self.epochs_scale, 0, lo_open=True)
+        check_int(fn, "max_exact_params", self.max_exact_params, 1)
+        check_int(fn, "num_directions", self.num_directions, 1)
+        check_int(fn, "eps_seed", self.eps_seed, 0)
+        check_int(fn, "resolution", self.resolution, 2)
+        check_int(fn, "k_maps", self.k_maps, 1)
+        check_int(fn, "margin_steps", self.margin_steps, 1)
+        check_int(fn, "margin_restarts", self.margin_restarts, 1)
+        check_choice(fn, "dtype", self.dtype, ("float32", "float64"))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -186,12 +206,21 @@ def run_name(dataset: str, setup: str, seed: int) -> str:
 
 
 class RunStore:
-    """Per-run results on disk: ``runs/<name>.json`` (row) and ``runs/<name>.pt`` (arrays)."""
+    """Per-run results on disk, verified on load.
+
+    Each run is ``runs/<name>.json`` (the row), ``runs/<name>.pt`` (the arrays) and, written
+    last, ``runs/<name>.manifest.json`` with the settings key and the sha256 of both files.
+    A run without a manifest is absent (an interrupted save); a run whose files do not match
+    their manifest (edited, truncated, another run's file) is reported by path
+    (:class:`~hbkernels.fileio.DamagedFileWarning`) and recomputed. Every file is written
+    atomically, and writers (and readers) of one store take ``runs/.lock``, so concurrent
+    processes never see each other's half-replaced runs.
+    """
 
     def __init__(self, out: str | Path) -> None:
         self.out = Path(out)
         self.dir = self.out / "runs"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        check_writable("hbk.boundary.RunStore", self.dir)
 
     @staticmethod
     def key(dataset: str, setup: str, seed: int, settings: Settings) -> dict:
@@ -203,21 +232,92 @@ class RunStore:
                 "width": settings.width_for(dataset), "epochs": phase_epochs(dataset, settings),
                 "analysis": s}
 
-    def load(self, name: str, key: dict) -> dict | None:
-        path = self.dir / f"{name}.json"
-        if not path.exists() or not (self.dir / f"{name}.pt").exists():
+    def paths(self, name: str) -> tuple[Path, Path, Path]:
+        """``(row .json, arrays .pt, manifest)`` of a run."""
+        return (self.dir / f"{name}.json", self.dir / f"{name}.pt",
+                self.dir / f"{name}.manifest.json")
+
+    def _verified(self, name: str, key: dict | None) -> dict | None:
+        """The manifest if the run is complete and intact (raises CorruptFileError if not);
+        None if absent or made with other settings than ``key``."""
+        fn = "hbk.boundary.RunStore"
+        row_path, arr_path, man_path = self.paths(name)
+        if not man_path.exists():
             return None
-        row = json.loads(path.read_text())
-        return row if row.get("key") == json.loads(json.dumps(key)) else None
+        man = read_json(fn, man_path)
+        if not (isinstance(man, dict) and man.get("format") == _STORE_FORMAT
+                and isinstance(man.get("files"), dict) and "key" in man):
+            raise CorruptFileError(f"{fn}: expected a run manifest, got a damaged {man_path}",
+                                   man_path)
+        if key is not None and man["key"] != _canonical(key):
+            return None
+        for path in (row_path, arr_path):
+            digest = man["files"].get(path.name)
+            if not path.is_file():
+                raise CorruptFileError(f"{fn}: expected {path} (listed in {man_path}), got no "
+                                       "file", path)
+            if digest is None or sha256_file(path) != digest:
+                raise CorruptFileError(f"{fn}: expected {path} to match its sha256 in "
+                                       f"{man_path}, got different content (edited, truncated "
+                                       "or another run's file)", path)
+        return man
+
+    def load(self, name: str, key: dict) -> dict | None:
+        """The stored row of a run made with ``key``, or None (absent, other settings, or
+        damaged: then a warning names the file and the run is recomputed)."""
+        with store_lock(self.dir, shared=True):
+            try:
+                man = self._verified(name, key)
+                if man is None:
+                    return None
+                row = read_json("hbk.boundary.RunStore", self.paths(name)[0])
+                if not isinstance(row, dict) or row.get("key") != man["key"]:
+                    raise CorruptFileError(f"hbk.boundary.RunStore: expected the row of "
+                                           f"{name} in {self.paths(name)[0]}, got another",
+                                           self.paths(name)[0])
+                return row
+            except CorruptFileError as err:
+                warnings.warn(f"hbk: run {name} is damaged and is recomputed: {err}",
+                              DamagedFileWarning, stacklevel=2)
+                return None
 
     def save(self, name: str, row: dict, arrays: dict) -> None:
-        torch.save(arrays, self.dir / f"{name}.pt")
-        tmp = self.dir / f".{name}.json.tmp"
-        tmp.write_text(json.dumps(M.to_jsonable(row), indent=1))
-        tmp.replace(self.dir / f"{name}.json")
+        """Write a run: arrays, row, then the manifest (all atomic, under the store lock)."""
+        row_path, arr_path, man_path = self.paths(name)
+        buf = io.BytesIO()
+        torch.save(arrays, buf)
+        blob = buf.getvalue()
+        doc = M.to_jsonable(row)
+        text = json.dumps(doc, indent=1).encode("utf-8")
+        manifest = {"format": _STORE_FORMAT, "name": name, "key": doc.get("key"),
+                    "key_sha256": sha256_bytes(json.dumps(doc.get("key"), sort_keys=True)
+                                               .encode()),
+                    "files": {arr_path.name: sha256_bytes(blob),
+                              row_path.name: sha256_bytes(text)}}
+        with store_lock(self.dir):
+            with contextlib.suppress(FileNotFoundError):
+                man_path.unlink()  # the run is absent until its new manifest is written
+            atomic_write_bytes(arr_path, blob)
+            atomic_write_bytes(row_path, text)
+            atomic_write_text(man_path, json.dumps(manifest, indent=1))
 
     def arrays(self, name: str) -> dict:
-        return torch.load(self.dir / f"{name}.pt", weights_only=True)
+        """The arrays of a stored run, verified against its manifest.
+
+        Raises:
+            CorruptFileError: the run is missing, incomplete or damaged (named).
+        """
+        fn = "hbk.boundary.RunStore.arrays"
+        with store_lock(self.dir, shared=True):
+            if self._verified(name, None) is None:
+                raise CorruptFileError(f"{fn}: expected a complete run {name} in {self.dir}, "
+                                       f"got no manifest {self.paths(name)[2]}",
+                                       self.paths(name)[2])
+            return load_torch(fn, self.paths(name)[1], what="run arrays")
+
+
+def _canonical(key: dict) -> Any:
+    return json.loads(json.dumps(M.to_jsonable(key)))
 
 
 # ----------------------------------------------------------------------------- one run
@@ -280,7 +380,10 @@ def run_grid(
         runs trained or loaded in this call).
     """
     out = Path(out)
+    datasets, setups, seeds = _check_grid("hbk.boundary.run_grid", datasets, setups, seeds,
+                                          settings)
     store = RunStore(out)
+    check_writable("hbk.boundary.run_grid", out / "models")
     jobs = [(d, s) for d in datasets for s in setups
             if s != "wide-margin" or d == "checkerboard-linear"]
     rows: dict[str, dict] = {}
@@ -334,6 +437,34 @@ def run_grid(
     bar.close()
     order = [run_name(d, s, sd) for d, s in jobs for sd in seeds]
     return [rows[n] for n in order], models
+
+
+def _check_grid(fn: str, datasets: Sequence[str], setups: Sequence[str], seeds: Sequence[int],
+                settings: Settings) -> tuple[list[str], list[str], list[int]]:
+    """Names, setups and seeds checked, and every dataset loaded once (missing MNIST / CIFAR
+    files are named) before any training starts."""
+    if not isinstance(settings, Settings):
+        fail(fn, "settings to be a Settings", settings, TypeError)
+    for what, seq in (("datasets", datasets), ("setups", setups), ("seeds", seeds)):
+        if isinstance(seq, (str, int)) or not isinstance(seq, Sequence) or not seq:
+            fail(fn, f"{what} to be a non-empty list", seq, TypeError if not isinstance(
+                seq, Sequence) or isinstance(seq, str) else ValueError)
+    datasets = [check_dataset_name(fn, d) for d in datasets]
+    setups = [check_choice(fn, "setup", s, PHASES) for s in setups]
+    seeds = [check_int(fn, "seed", s, 0) for s in seeds]
+    if len(set(seeds)) != len(seeds):
+        fail(fn, "distinct seeds", list(seeds), raw=True)
+    for d in datasets:
+        load_dataset(d)
+    return datasets, setups, seeds
+
+
+def _check_names(fn: str, datasets: Sequence[str], allowed: Sequence[str]) -> None:
+    if isinstance(datasets, str) or not isinstance(datasets, Sequence) or not datasets:
+        fail(fn, "datasets to be a non-empty list of names", datasets, TypeError)
+    bad = [d for d in datasets if d not in allowed]
+    if bad:
+        fail(fn, f"datasets from {tuple(allowed)}", bad, raw=True)
 
 
 def _grid_margin(model: nn.Module, ds: Dataset) -> float:
@@ -481,7 +612,7 @@ def write_report(out: Path, title: str, intro: str, rows: list[dict], figures: l
     checks = ordering_checks(rows, summary)
     payload = {"runs": rows, "summary": summary, "checks": checks, "wall_seconds": wall,
                "environment": _env(), **extra}
-    (out / "results.json").write_text(json.dumps(M.to_jsonable(payload), indent=1))
+    atomic_write_text(out / "results.json", json.dumps(M.to_jsonable(payload), indent=1))
     md = [f"# {title}\n", intro, "\n## Results (mean ± std over seeds)\n",
           "✓ / ✗: the better-generalising minimum has the lower G (the paper's claim): normal "
           "against adversarial and large norm, wide margin against normal on the checkerboard. "
@@ -505,7 +636,7 @@ def write_report(out: Path, title: str, intro: str, rows: list[dict], figures: l
             md.append(f"\n**{caption}**\n\n![{caption}]({fname})\n")
     md.append(f"\nWall time: {wall:.1f} s ({_env()['threads']} torch threads, torch "
               f"{torch.__version__}); timings on a shared machine are noisy.\n")
-    (out / "report.md").write_text("".join(md))
+    atomic_write_text(out / "report.md", "".join(md))
     return out / "report.md", out / "results.json"
 
 
@@ -616,7 +747,7 @@ def demo(out: str | Path = "results/demo", *, seeds: Sequence[int] = (0, 1, 2),
     """
     t0 = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable("hbk.boundary.demo", out)
     rows, models = run_grid(["gauss"], TABLE1_SETUPS, seeds, settings, out, quiet=quiet)
     t_runs = time.perf_counter() - t0
     figs, extra = _setup_figures(out, out, "gauss", TABLE1_SETUPS, seeds[0], rows, models,
@@ -655,10 +786,8 @@ def table1(out: str | Path = "results/reproduce", *, datasets: Sequence[str] = T
     t0 = time.perf_counter()
     root = Path(out)
     dest = root / "table1"
-    dest.mkdir(parents=True, exist_ok=True)
-    bad = [d for d in datasets if d not in TABLE1_DATASETS]
-    if bad:
-        raise ValueError(f"hbk.boundary.table1: expected datasets from {TABLE1_DATASETS}, got {bad}")
+    _check_names("hbk.boundary.table1", datasets, TABLE1_DATASETS)
+    check_writable("hbk.boundary.table1", dest)
     rows, _ = run_grid(datasets, TABLE1_SETUPS + ("wide-margin",), seeds, settings, root,
                        margins=True, quiet=quiet)
     intro = ("Table 1 of the paper: G, trace, lambda_max and the parameter norm of normal, "
@@ -684,7 +813,11 @@ def table2(out: str | Path = "results/reproduce", *, datasets: Sequence[str] = T
     t0 = time.perf_counter()
     root = Path(out)
     dest = root / "table2"
-    dest.mkdir(parents=True, exist_ok=True)
+    if isinstance(datasets, str) or not isinstance(datasets, Sequence):
+        fail("hbk.boundary.table2", "datasets to be a list of names", datasets, TypeError)
+    for d in datasets:
+        check_dataset_name("hbk.boundary.table2", d)
+    check_writable("hbk.boundary.table2", dest)
     rows, _ = run_grid(datasets, TABLE2_SETUPS, seeds, settings, root, quiet=quiet)
     intro = ("Table 2 of the paper on Iris and the 8x8 digit subsets (scikit-learn's digits: "
              "the offline stand-in for the MNIST subsets; the CNN on 8x8 inputs). "
@@ -722,7 +855,14 @@ def figures(out: str | Path = "results/reproduce", *, datasets: Sequence[str] = 
     t0 = time.perf_counter()
     root = Path(out)
     dest = root / "figures"
-    dest.mkdir(parents=True, exist_ok=True)
+    fn = "hbk.boundary.figures"
+    _check_names(fn, datasets, TABLE1_DATASETS)
+    if digits is not None:
+        check_dataset_name(fn, digits)
+        if not digits.startswith("digits"):
+            fail(fn, "digits to be None or a digits-<classes> name", digits)
+    check_int(fn, "seed", seed, 0)
+    check_writable(fn, dest)
     store = RunStore(root)
     seeds = [seed]
     figs: list[tuple[str, str]] = []
@@ -915,7 +1055,7 @@ def figures(out: str | Path = "results/reproduce", *, datasets: Sequence[str] = 
     wall = time.perf_counter() - t0
     payload = {"figures": [{"caption": c, "file": f} for c, f in figs], "reports": reports,
                "wall_seconds": wall, "settings": settings.to_dict(), "seed": seed}
-    (dest / "figures.json").write_text(json.dumps(M.to_jsonable(payload), indent=1))
+    atomic_write_text(dest / "figures.json", json.dumps(M.to_jsonable(payload), indent=1))
     md = ["# hbk reproduce figures\n", f"Seed {seed}; {_settings_md(settings, two_d, seeds)}"]
     md.append(_peaks_md(reports.get("boundary_peaks") or {}))
     if "margins" in reports:
@@ -931,7 +1071,7 @@ def figures(out: str | Path = "results/reproduce", *, datasets: Sequence[str] = 
     for c, f in figs:
         md.append(f"\n**{c}**\n\n![{c}]({f})\n")
     md.append(f"\nWall time: {wall:.1f} s\n")
-    (dest / "report.md").write_text("".join(md))
+    atomic_write_text(dest / "report.md", "".join(md))
     return payload
 
 

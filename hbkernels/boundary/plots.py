@@ -60,10 +60,9 @@ def _np(a) -> np.ndarray:
 
 
 def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    return path
+    from ..fileio import atomic_savefig
+
+    return atomic_savefig(fig, Path(path), dpi=dpi, bbox_inches="tight")
 
 
 def _class_color(c: int) -> str:

@@ -217,7 +217,7 @@ class TrainConfig:
             fail(fn, "milestones to be a tuple of ints", self.milestones, TypeError)
         for m in self.milestones:
             check_int(fn, "milestones entries", m, 1)
-        check_float(fn, "gamma", self.gamma, 0, lo_open=True)
+        check_float(fn, "gamma", self.gamma, 0)
         if self.log_every is not None:
             check_int(fn, "log_every", self.log_every, 1)
         if self.threads is not None:
