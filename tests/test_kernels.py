@@ -213,7 +213,7 @@ def test_ghost_sq_norms_never_negative_for_a_cancelling_gradient():
     A, D = [torch.cat([a, a * 1.1], 1)], [torch.cat([d, -d / 1.1], 1)]
     sq = hbk.ghost_sq_norms(A, D, [False])
     assert (sq >= 0).all()
-    dots, sq2 = hbk.ghost_products(A, D, [False], [torch.randn(50, 40, 2, generator=g)], [])
+    _, sq2 = hbk.ghost_products(A, D, [False], [torch.randn(50, 40, 2, generator=g)], [])
     assert (sq2 >= 0).all()
     C = hbk.ghost_alignment(A, D, [torch.randn(50, 40, 2, generator=g)], [None])
     assert not torch.isnan(C).any()
