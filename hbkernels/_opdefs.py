@@ -45,8 +45,10 @@ def as_tensor_list(fn: str, name: str, seq) -> list:
 
 def check_like(fn: str, name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
     """``t`` has ``ref``'s dtype and device (TypeError otherwise)."""
-    check_that(t.dtype == ref.dtype, fn, f"{name} to have dtype {ref.dtype}", t.dtype, TypeError)
-    check_that(t.device == ref.device, fn, f"{name} on device {ref.device}", t.device, TypeError)
+    if t.dtype != ref.dtype:  # dtypes and devices are never symbolic: plain checks
+        fail(fn, f"{name} to have dtype {ref.dtype}", t.dtype, TypeError, raw=True)
+    if t.device != ref.device:
+        fail(fn, f"{name} on device {ref.device}", t.device, TypeError, raw=True)
 
 
 def validate_gram(fn: str, grads) -> None:

@@ -46,6 +46,8 @@ def check_that(cond: Any, fn: str, what: str, got: Any, exc: type[Exception] = V
     """:func:`fail` unless ``cond``; ``got`` is text. ``cond`` may be a symbolic bool (shape
     relations inside fake kernels / torch.compile), so it goes through ``torch._check_with``.
     Skipped while dynamo traces the caller: the traced op's fake kernel checks again."""
+    if cond is True:  # a plain bool (eager calls): no torch._check machinery
+        return
     if torch.compiler.is_dynamo_compiling():
         return
     torch._check_with(exc, cond, lambda: f"{fn}: expected {what}, got {got}")
