@@ -30,17 +30,17 @@ from typing import Any
 
 __all__ = [
     "CorruptFileError",
-    "PickleNeededError",
     "DamagedFileWarning",
+    "PickleNeededError",
+    "atomic_savefig",
+    "atomic_torch_save",
     "atomic_write_bytes",
     "atomic_write_text",
-    "atomic_torch_save",
-    "atomic_savefig",
     "check_writable",
+    "load_torch",
+    "read_json",
     "sha256_bytes",
     "sha256_file",
-    "read_json",
-    "load_torch",
     "store_lock",
 ]
 
