@@ -20,23 +20,33 @@ from .ops import (  # noqa: E402  (loads and checks the extension first)
 )
 from .params import flatten_params, num_params, unflatten_like  # noqa: E402
 from .lanczos import LanczosResult, lanczos  # noqa: E402
+from .operators import LinearOperator  # noqa: E402
+from .hvp import LinearChain  # noqa: E402
 from .hessian import (  # noqa: E402
+    GGNOperator,
     HessianOperator,
     MatrixOperator,
     SpectralDensity,
     TraceResult,
+    eigs,
+    exact_ggn,
     exact_hessian,
+    ggn_eigs,
     hessian_eigs,
     hessian_spectrum,
     hessian_trace,
     spectral_density,
 )
 from .persample import (  # noqa: E402
+    EmpiricalFisherOperator,
+    PerSampleProducts,
+    fisher_eigs,
     gradient_alignment,
     gradient_covariance_eigs,
     gradient_gram,
     gradient_norms,
     per_sample_grads,
+    per_sample_products,
 )
 
 __all__ = [
@@ -57,12 +67,22 @@ __all__ = [
     "gradient_gram",
     "gradient_alignment",
     "gradient_covariance_eigs",
+    "per_sample_products",
+    "PerSampleProducts",
+    "EmpiricalFisherOperator",
+    "fisher_eigs",
     "lanczos",
     "LanczosResult",
+    "LinearOperator",
+    "LinearChain",
     "HessianOperator",
+    "GGNOperator",
     "MatrixOperator",
+    "eigs",
     "hessian_eigs",
+    "ggn_eigs",
     "exact_hessian",
+    "exact_ggn",
     "hessian_spectrum",
     "hessian_trace",
     "spectral_density",

@@ -1,0 +1,289 @@
+"""Factor capture: one rule per layer kind, and the hooked forward pass that records factors.
+
+For a module whose sample i's weight gradient is ``sum_t d_it a_it^T`` (row-major
+``(d_out, d_in)``, the order of ``weight``) and bias gradient ``sum_t d_it``, a rule turns the
+recorded layer input ``x`` and the gradient ``g`` of the summed per-sample losses w.r.t. the
+layer output into the factors
+
+* ``A`` (n, T, d_in): Linear: the input, any middle dimensions flattened into T; Conv1d/Conv2d:
+  the unfolded patches, T = output positions;
+* ``D`` (n, T, d_out): the output gradients at the same positions.
+
+A grouped convolution is one factor pair per group. To add a layer kind (Embedding, LayerNorm,
+attention projections), write a :class:`LayerRule` and add it to :data:`RULES`; modules without a
+rule go to the torch.func fallback.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checks import fail
+
+__all__ = [
+    "RULES",
+    "ConvRule",
+    "Layer",
+    "LayerRule",
+    "LinearRule",
+    "Pair",
+    "Recorder",
+    "find_layers",
+]
+
+
+# ----------------------------------------------------------------------------- rules
+class LayerRule:
+    """How one layer kind yields factors. Subclasses set ``input_dims`` and implement
+    :meth:`factors`; ``groups`` splits the factors into pairs along their last dimension."""
+
+    input_dims: tuple[int, ...] | None = None  # accepted input ranks (None: any >= 2)
+
+    def groups(self, module: nn.Module) -> int:
+        return 1
+
+    def accepts(self, x: Any, nb: int) -> bool:
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] != nb:
+            return False
+        return self.input_dims is None or x.dim() in self.input_dims
+
+    def factors(self, module: nn.Module, x: torch.Tensor,
+                g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+        """``(A (n, T, d_in * groups), D (n, T, d_out * groups))`` from the layer input ``x``
+        and the output gradient ``g``."""
+        raise NotImplementedError
+
+
+class LinearRule(LayerRule):
+    """``nn.Linear`` on ``(n, ..., d_in)``: T = the product of the middle dimensions."""
+
+    def factors(self, module, x, g):
+        n = x.shape[0]
+        return x.reshape(n, -1, x.shape[-1]), g.reshape(n, -1, g.shape[-1])
+
+
+class ConvRule(LayerRule):
+    """``nn.Conv1d`` / ``nn.Conv2d`` (any stride, dilation, groups, padding and padding mode)
+    through ``F.unfold`` (a Conv1d runs as a height-1 Conv2d)."""
+
+    def __init__(self, spatial: int) -> None:
+        self.spatial = spatial
+        self.input_dims = (spatial + 2,)
+
+    def groups(self, module):
+        return module.groups
+
+    def factors(self, module, x, g):
+        n = x.shape[0]
+        padding = module.padding
+        if module.padding_mode != "zeros" or isinstance(padding, str):
+            if padding != "valid":
+                mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+                x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+            padding = (0,) * self.spatial
+        ks, dil, st = module.kernel_size, module.dilation, module.stride
+        if self.spatial == 1:
+            x = x.unsqueeze(2)
+            ks, dil, st, padding = (1, *ks), (1, *dil), (1, *st), (0, *padding)
+        cols = F.unfold(x, ks, dil, padding, st)  # (n, C k..., T)
+        return cols.transpose(1, 2), g.reshape(n, g.shape[1], -1).transpose(1, 2)
+
+
+RULES: dict[type, LayerRule] = {
+    nn.Linear: LinearRule(),
+    nn.Conv1d: ConvRule(1),
+    nn.Conv2d: ConvRule(2),
+}
+"""Exact module types with a factor rule (subclasses are not matched: their forward may differ)."""
+
+
+# ----------------------------------------------------------------------------- structures
+@dataclass
+class Pair:
+    """One factor pair: a layer, or one group of a grouped convolution."""
+
+    layer: int
+    group: int
+    d_in: int
+    d_out: int
+    w_offset: int  # start of the (d_out, d_in) row-major weight block in the flat order
+    b_offset: int | None  # start of the (d_out,) bias block; None without a trainable bias
+    T: int = 0  # positions (set by the probe)
+
+    @property
+    def p_weight(self) -> int:
+        return self.d_in * self.d_out
+
+    @property
+    def has_bias(self) -> bool:
+        return self.b_offset is not None
+
+
+@dataclass
+class Layer:
+    """A module whose parameters go through factors."""
+
+    module: nn.Module
+    name: str
+    rule: LayerRule
+    pairs: list[int]
+    params: list[int]  # indices into the trainable parameters
+    clone_in: bool = False  # the input is modified in place later: record a copy
+    clone_out: bool = False  # the output is modified in place later: hand on a copy
+
+
+@dataclass
+class Record:
+    x: torch.Tensor
+    x_version: int
+    out: torch.Tensor
+    out_version: int
+
+
+def find_layers(model: nn.Module, params: list[torch.Tensor],
+                offsets: list[int]) -> tuple[list[Layer], list[Pair]]:
+    """The modules with a rule whose trainable weight is used by that module only."""
+    index = {id(p): i for i, p in enumerate(params)}
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                owners[id(p)] = owners.get(id(p), 0) + 1
+    layers: list[Layer] = []
+    pairs: list[Pair] = []
+    for name, m in model.named_modules():
+        rule = RULES.get(type(m))
+        if rule is None:
+            continue
+        w, b = m._parameters.get("weight"), m._parameters.get("bias")
+        if not isinstance(w, nn.Parameter) or id(w) not in index:
+            continue  # frozen or parametrized weight: its bias (if any) falls back
+        if owners[id(w)] != 1 or (b is not None and owners[id(b)] != 1):
+            continue  # tied weights: the fallback sees every use
+        has_bias = b is not None and id(b) in index
+        groups = rule.groups(m)
+        d_out, d_in = w.shape[0] // groups, w[0].numel()
+        ids = []
+        for g in range(groups):
+            ids.append(len(pairs))
+            pairs.append(Pair(len(layers), g, d_in, d_out,
+                              offsets[index[id(w)]] + g * d_out * d_in,
+                              offsets[index[id(b)]] + g * d_out if has_bias else None))
+        layers.append(Layer(m, name, rule, ids, [index[id(w)]] + ([index[id(b)]] if has_bias else [])))
+    return layers, pairs
+
+
+# ----------------------------------------------------------------------------- recording
+class Recorder:
+    """Forward passes with hooks that record each layer's input and output.
+
+    Args:
+        fn: the public function, for error messages.
+        layers: the layers to record.
+    """
+
+    def __init__(self, fn: str, layers: list[Layer]) -> None:
+        self.fn = fn
+        self.layers = layers
+
+    def forward(self, call, part: Any, nb: int, probe: bool = False):
+        """``(records per layer, layers used unsupportedly, outputs)`` of one forward pass.
+
+        Repeated until no recorded tensor was modified in place afterwards (such layers then
+        record copies)."""
+        for _ in range(len(self.layers) + 1):
+            records, bad, out = self._once(call, part, nb, probe)
+            if not self._fix_inplace(records):
+                return records, bad, out
+        return records, bad, out  # pragma: no cover - each round fixes at least one layer
+
+    def _once(self, call, part, nb, probe):
+        records: list[list[Record]] = [[] for _ in self.layers]
+        bad: set[int] = set()
+        fn = self.fn
+
+        def make_hook(i: int, layer: Layer):
+            def hook(module, args, output):
+                x = args[0] if args else None
+                if not (layer.rule.accepts(x, nb) and isinstance(output, torch.Tensor)):
+                    if probe:
+                        bad.add(i)
+                        return None
+                    got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                    fail(fn, f"the input of layer '{layer.name}' to have the sample dimension "
+                         f"first ({nb}, ...)", got, raw=True)
+                if not output.requires_grad:
+                    return None  # no graph through this call: it adds nothing to the gradient
+                xin = x.detach()
+                if layer.clone_in:
+                    xin = xin.clone()
+                records[i].append(Record(xin, xin._version, output, output._version))
+                return output.clone() if layer.clone_out else None
+
+            return hook
+
+        handles = [layer.module.register_forward_hook(make_hook(i, layer))
+                   for i, layer in enumerate(self.layers)]
+        try:
+            with torch.enable_grad():
+                out = call(part)
+        finally:
+            for h in handles:
+                h.remove()
+        return records, bad, out
+
+    def _fix_inplace(self, records: list[list[Record]]) -> bool:
+        changed = False
+        for layer, recs in zip(self.layers, records):
+            for r in recs:
+                if r.x._version != r.x_version and not layer.clone_in:
+                    layer.clone_in = changed = True
+                if r.out._version != r.out_version and not layer.clone_out:
+                    layer.clone_out = changed = True
+        return changed
+
+
+def positions(layer: Layer, recs: list[Record]) -> int:
+    """T of a layer over all its calls in one forward pass."""
+    total = 0
+    for r in recs:
+        if isinstance(layer.rule, ConvRule):
+            total += math.prod(r.out.shape[2:])
+        else:
+            total += math.prod(r.x.shape[1:-1])
+    return total
+
+
+def layer_factors(fn: str, layer: Layer, pairs: list[Pair], recs: list[Record], grads,
+                  nb: int, A: list, D: list) -> None:
+    """Write the factors of ``layer``'s pairs into ``A`` / ``D`` (consumes one gradient per
+    record from the iterator ``grads``)."""
+    a_parts, d_parts = [], []
+    for r in recs:
+        g = next(grads)
+        if g is None:
+            g = torch.zeros_like(r.out)
+        a, d = layer.rule.factors(layer.module, r.x, g)
+        a_parts.append(a)
+        d_parts.append(d)
+    a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, 1)
+    d = d_parts[0] if len(d_parts) == 1 else torch.cat(d_parts, 1)
+    T = a.shape[1]
+    single = len(layer.pairs) == 1
+    for j in layer.pairs:
+        q = pairs[j]
+        if q.T != T:
+            fail(fn, f"layer '{layer.name}' to cover the same {q.T} positions for every sample "
+                 "block (data-dependent layer use is not supported)", T, raw=True)
+        if single:
+            A[j], D[j] = a.contiguous(), d.contiguous()
+        else:
+            gi, go = q.group * q.d_in, q.group * q.d_out
+            A[j] = a[..., gi : gi + q.d_in].contiguous()
+            D[j] = d[..., go : go + q.d_out].contiguous()
