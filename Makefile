@@ -16,6 +16,8 @@ PIP := $(PY) -m pip
 CONSTRAINTS := $(VENV)/constraints.txt
 PIP_INSTALL := $(PIP) install -q -c $(CONSTRAINTS)
 PYTEST_ARGS ?=
+# flock serialises concurrent builds of the same tree (the build dir is shared).
+BUILD_LOCK ?= flock build.lock
 # Sources whose change needs a rebuild of the extension.
 EXT_SOURCES := CMakeLists.txt pyproject.toml $(wildcard csrc/*.cpp csrc/hbk/*.h python/*.cpp cmake/*)
 
@@ -38,9 +40,8 @@ $(VENV)/.deps-stamp: $(CONSTRAINTS)
 	touch $@
 
 # The build dir (build/) is persistent, so a one-file change recompiles one file.
-# flock serialises concurrent builds of the same tree.
 $(VENV)/.install-stamp: $(VENV)/.deps-stamp $(EXT_SOURCES)
-	flock build.lock $(PIP_INSTALL) --no-build-isolation -e ".[test]"
+	$(BUILD_LOCK) $(PIP_INSTALL) --no-build-isolation -e ".[test]"
 	touch $@
 
 test: install
