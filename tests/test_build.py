@@ -47,6 +47,9 @@ def test_import_under_another_torch_fails_readably():
                          text=True, timeout=120)
     assert "ExtensionVersionError" in out.stdout, out.stdout + out.stderr
     assert "torch 9.9.9 is installed" in out.stdout
+    assert f"built against torch {torch.__version__}" in out.stdout
+    assert "--no-build-isolation --force-reinstall --no-deps ." in out.stdout  # the fix
+    assert "TORCH_SPEC=torch==9.9.9" in out.stdout
 
 
 def test_mismatch_message_gives_the_source_rebuild():
