@@ -10,36 +10,80 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
+import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .fileio import DamagedFileWarning, atomic_write_text, check_writable, load_torch, read_json
+
 __all__ = ["main", "build_parser", "load_any_model"]
+
+
+class CliError(ValueError):
+    """A problem with what the command was asked to do (printed as one ``hbk: error:`` line)."""
 
 
 # ----------------------------------------------------------------------------- helpers
 def _positive_float(s: str) -> float:
-    v = float(s)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s}")
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {s}")
+    return v
+
+
+def _int(s: str, lo: int) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}") from None
+    if v < lo:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s}")
     return v
 
 
 def _positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s}")
-    return v
+    return _int(s, 1)
+
+
+def _nonneg_int(s: str) -> int:
+    return _int(s, 0)
+
+
+def _batch_size(s: str) -> int | str:
+    if s == "full":
+        return s
+    try:
+        return _int(s, 1)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'full' or an integer >= 1, got {s!r}") from None
+
+
+def _dataset_name(s: str) -> str:
+    from .boundary.datasets import check_dataset_name
+
+    name = _DATASET_ALIASES.get(s, s)
+    try:
+        return check_dataset_name("dataset", name)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).split(": ", 1)[1]) from None
 
 
 def _common(p: argparse.ArgumentParser, out: str, seed: int = 0) -> None:
     p.add_argument("--out", default=out, metavar="DIR", help=f"output directory (default {out})")
-    p.add_argument("--seed", type=int, default=seed, help=f"random seed (default {seed})")
+    p.add_argument("--seed", type=_nonneg_int, default=seed, help=f"random seed (default {seed})")
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback of an error")
 
 
 def _settings_args(p: argparse.ArgumentParser) -> None:
@@ -90,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "reproduce the paper's tables and figures.",
     )
     parser.add_argument("--version", action="version", version=f"hbkernels {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also after the command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -113,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "with the reference model and hyperparameters (override them with the "
                     "options), and save model.pt, result.json (and checkpoints.pt) in --out.")
     _common(p, "results/train")
-    p.add_argument("--dataset", default="gauss", help="dataset name (default gauss)")
+    p.add_argument("--dataset", default="gauss", type=_dataset_name,
+                   help="dataset name (default gauss)")
     p.add_argument("--setup", default="normal",
                    choices=("normal", "random-label", "adversarial", "large-norm", "wide-margin"))
     p.add_argument("--width", type=_positive_int, default=None, help="hidden width (fnn/fnn2)")
@@ -122,12 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-epochs", type=_positive_int, default=None,
                    help="epochs of the random-label phase of adversarial / large-norm runs")
     p.add_argument("--lr", type=_positive_float, default=None, help="learning rate override")
-    p.add_argument("--batch-size", default=None, help="batch size override (int or 'full')")
+    p.add_argument("--batch-size", type=_batch_size, default=None,
+                   help="batch size override (int >= 1 or 'full')")
     p.add_argument("--optimizer", choices=("sgd", "adam", "adamw", "rmsprop"), default=None)
     p.add_argument("--loss", choices=("ce", "nll", "mse"), default=None)
     p.add_argument("--arch", choices=("fnn", "fnn2", "cnn", "lenet5"), default=None,
                    help="architecture override (default: the reference for the dataset)")
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+    p.add_argument("--checkpoint-every", type=_nonneg_int, default=0, metavar="N",
                    help="keep a state_dict every N epochs (0: none)")
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="cache of finished phases (reused random-label models)")
@@ -140,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(with --allow-pickle). Writes analysis.json and figures.")
     _common(p, "results/analyze", seed=42)
     p.add_argument("model", metavar="MODEL", help="model file or directory")
-    p.add_argument("--dataset", default=None, help="dataset name (default: the model's)")
-    p.add_argument("--checkpoint", type=int, default=None, metavar="EPOCH",
+    p.add_argument("--dataset", default=None, type=_dataset_name,
+                   help="dataset name (default: the model's)")
+    p.add_argument("--checkpoint", type=_nonneg_int, default=None, metavar="EPOCH",
                    help="analyse the checkpoint of this epoch (default: the final model)")
     p.add_argument("--arch", choices=("fnn", "fnn2", "cnn", "lenet5"), default=None)
     p.add_argument("--width", type=_positive_int, default=None)
@@ -164,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "the checkerboard's wide margin and margin estimates), Table 2 (Iris and "
                     "the digit subsets) or the figures. Per-run results are cached in --out: "
                     "a rerun skips finished runs.")
+    parser.set_defaults(_reproduce_parser=p)
     p.add_argument("what", choices=("table1", "table2", "figures"))
     _common(p, "results/reproduce")
     p.add_argument("--datasets", nargs="+", default=None, metavar="NAME",
@@ -189,8 +239,10 @@ def _cmd_demo(args) -> int:
         over = {"epochs_scale": args.epochs_scale * 0.01, "resolution": min(args.resolution, 30),
                 "k_maps": 3}
         seeds = seeds[:1]
+    settings = _settings(args, **over)
+    check_writable("hbk demo --out", args.out)
     t0 = time.perf_counter()
-    payload = demo(args.out, seeds=seeds, settings=_settings(args, **over), quiet=args.quiet)
+    payload = demo(args.out, seeds=seeds, settings=settings, quiet=args.quiet)
     _say(args, _summary_lines(payload["runs"]))
     _say(args, f"wrote {Path(args.out) / 'report.md'} and results.json "
                f"({time.perf_counter() - t0:.1f} s)")
@@ -218,6 +270,9 @@ def _cmd_train(args) -> int:
     custom = any(v is not None for v in (args.lr, args.batch_size, args.optimizer, args.loss,
                                          args.arch))
     out = Path(args.out)
+    check_writable("hbk train --out", out)
+    if args.cache is not None:
+        check_writable("hbk train --cache", args.cache)
     t0 = time.perf_counter()
     if not custom:
         epochs = {}
@@ -230,16 +285,13 @@ def _cmd_train(args) -> int:
                             checkpoint_every=args.checkpoint_every)
     else:
         if args.setup not in ("normal", "random-label"):
-            raise SystemExit("hbk train: expected --setup normal or random-label with "
-                             "--lr/--batch-size/--optimizer/--loss/--arch overrides, got "
-                             f"{args.setup}")
+            raise CliError("hbk train: expected --setup normal or random-label with "
+                           "--lr/--batch-size/--optimizer/--loss/--arch overrides, got "
+                           f"{args.setup}")
         ds = D.load_dataset(args.dataset, random_labels=args.setup == "random-label")
         cfg = T.reference_config(args.dataset, args.setup, seed=args.seed, quiet=args.quiet)
-        bs = args.batch_size
-        if bs is not None and bs != "full":
-            bs = int(bs)
         cfg = replace(cfg, **{k: v for k, v in dict(
-            epochs=args.epochs, lr=args.lr, batch_size=bs, optimizer=args.optimizer,
+            epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
             loss=args.loss, checkpoint_every=args.checkpoint_every or None).items() if v is not None})
         log_softmax = cfg.loss == "nll"
         if args.arch is None:
@@ -252,6 +304,7 @@ def _cmd_train(args) -> int:
             else:
                 inf = ds.input_shape
             model = MD.make_model(args.arch, inf, ds.num_classes, **kw)
+        cfg.validate()
         res = T.train(model, ds, cfg)
         res.info.update({"setup": args.setup, "dataset": args.dataset, "seed": args.seed})
     res.save(out)
@@ -288,32 +341,30 @@ def load_any_model(
         ``(model, meta)``; ``meta`` holds what was found (``result.json``, epoch, format).
     """
     from .boundary import models as MD
+    from .boundary.training import TrainResult
 
     p = Path(path)
     meta: dict[str, Any] = {"path": str(p)}
     fn = "hbk analyze"
     if p.is_dir():
-        if (p / "result.json").exists():
-            meta["result"] = json.loads((p / "result.json").read_text())
         if not (p / "model.pt").exists():
-            raise SystemExit(f"{fn}: expected {p / 'model.pt'} in the model directory, got none")
-        model = MD.load_model(p / "model.pt")
+            raise CliError(f"{fn}: expected {p / 'model.pt'} in the model directory, got none")
+        if (p / "result.json").exists():  # verified against manifest.json when present
+            model = TrainResult.load(p).model
+            meta["result"] = read_json(fn, p / "result.json")
+        else:
+            model = MD.load_model(p / "model.pt")
         meta["format"] = "hbk train directory"
         if checkpoint is not None:
             if not (p / "checkpoints.pt").exists():
-                raise SystemExit(f"{fn}: expected {p / 'checkpoints.pt'} for --checkpoint, got none")
-            model.load_state_dict(_pick_checkpoint(torch.load(p / "checkpoints.pt", weights_only=True),
-                                                   checkpoint, meta))
+                raise CliError(f"{fn}: expected {p / 'checkpoints.pt'} for --checkpoint, got none")
+            ckpts = load_torch(fn, p / "checkpoints.pt", what="a checkpoint list")
+            _load_weights(model, _pick_checkpoint(ckpts, checkpoint, meta), p / "checkpoints.pt")
         return model, meta
     if not p.exists():
-        raise SystemExit(f"{fn}: expected an existing model file or directory, got {p}")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError / RuntimeError
-        if not allow_pickle:
-            raise SystemExit(f"{fn}: {p} is not a weights-only file ({type(exc).__name__}); if it "
-                             "is a pickled nn.Module you trust, pass --allow-pickle") from exc
-        obj = torch.load(p, map_location="cpu", weights_only=False)
+        raise CliError(f"{fn}: expected an existing model file or directory, got {p}")
+    obj = load_torch(fn, p, allow_pickle=allow_pickle,
+                     what="a model file (save_model, checkpoints, state_dict)")
     if isinstance(obj, torch.nn.Module):
         meta["format"] = "pickled module"
         return obj, meta
@@ -321,36 +372,56 @@ def load_any_model(
         meta["format"] = "save_model file"
         model = MD.load_model(obj)
         if (p.parent / "result.json").exists():
-            meta["result"] = json.loads((p.parent / "result.json").read_text())
+            meta["result"] = read_json(fn, p.parent / "result.json")
         return model, meta
-    if isinstance(obj, (list, tuple)) and obj and isinstance(obj[0], (list, tuple)):
+    if (isinstance(obj, (list, tuple)) and obj and all(
+            isinstance(c, (list, tuple)) and len(c) == 2 and isinstance(c[1], dict)
+            for c in obj)):
         meta["format"] = "checkpoints"
         sd = _pick_checkpoint(obj, checkpoint, meta)
         if (p.parent / "model.pt").exists():
             model = MD.load_model(p.parent / "model.pt")
             if (p.parent / "result.json").exists():
-                meta["result"] = json.loads((p.parent / "result.json").read_text())
+                meta["result"] = read_json(fn, p.parent / "result.json")
         else:
             model = _build_for_state_dict(sd, dataset, arch, width)
-        model.load_state_dict(sd)
+        _load_weights(model, sd, p)
         return model, meta
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         meta["format"] = "state_dict"
         model = _build_for_state_dict(obj, dataset, arch, width)
-        model.load_state_dict(obj)
+        _load_weights(model, obj, p)
         return model, meta
-    raise SystemExit(f"{fn}: expected a model, checkpoint list or state_dict in {p}, got "
-                     f"{type(obj).__name__}")
+    what = type(obj).__name__
+    if isinstance(obj, torch.Tensor):
+        what = f"a tensor of shape {tuple(obj.shape)}"
+    elif isinstance(obj, dict):
+        what = f"a dict with keys {sorted(map(str, obj))[:5]}"
+    raise CliError(f"{fn}: expected a model, checkpoint list or state_dict in {p}, got {what} "
+                   "(not a model file)")
+
+
+def _load_weights(model: torch.nn.Module, sd: dict, path: Path) -> None:
+    try:
+        model.load_state_dict(sd)
+    except (RuntimeError, KeyError, TypeError) as err:
+        first = str(err).strip().splitlines()
+        raise CliError(f"hbk analyze: expected weights for {type(model).__name__} in {path}, "
+                       f"got {' '.join(x.strip() for x in first[:3])[:300]}") from None
 
 
 def _pick_checkpoint(ckpts, epoch: int | None, meta: dict) -> dict:
-    epochs = [int(e) for e, _ in ckpts]
+    try:
+        epochs = [int(e) for e, _ in ckpts]
+    except (TypeError, ValueError):
+        raise CliError("hbk analyze: expected a checkpoint list of (epoch, state_dict), got "
+                       f"{type(ckpts).__name__}") from None
     if not epochs:
-        raise SystemExit("hbk analyze: expected at least one checkpoint, got none")
+        raise CliError("hbk analyze: expected at least one checkpoint, got none")
     if epoch is None:
         epoch = epochs[-1]
     if epoch not in epochs:
-        raise SystemExit(f"hbk analyze: expected --checkpoint in {epochs}, got {epoch}")
+        raise CliError(f"hbk analyze: expected --checkpoint in {epochs}, got {epoch}")
     meta["epoch"] = epoch
     return dict(ckpts[epochs.index(epoch)][1])
 
@@ -359,7 +430,7 @@ def _build_for_state_dict(sd: dict, dataset, arch: str | None, width: int | None
     from .boundary import models as MD
 
     if dataset is None:
-        raise SystemExit("hbk analyze: expected --dataset to rebuild a model from a state_dict")
+        raise CliError("hbk analyze: expected --dataset to rebuild a model from a state_dict")
     first = next((v for k, v in sd.items() if k.endswith("weight") and v.dim() == 2), None)
     if arch is None or arch in ("fnn", "fnn2"):
         if width is None and first is not None and arch != "cnn":
@@ -381,20 +452,22 @@ def _cmd_analyze(args) -> int:
     from .boundary import datasets as D
     from .boundary import measures as M
     from .boundary import plots as P
+    from .boundary.models import check_model_data
     from .boundary.training import accuracy
 
     t0 = time.perf_counter()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable("hbk analyze --out", out)
     ds = D.load_dataset(args.dataset) if args.dataset else None
     model, meta = load_any_model(args.model, dataset=ds, arch=args.arch, width=args.width,
                                  checkpoint=args.checkpoint, allow_pickle=args.allow_pickle)
     if ds is None:
         name = (meta.get("result") or {}).get("info", {}).get("dataset")
         if name is None:
-            raise SystemExit("hbk analyze: expected --dataset (the model file does not name its "
-                             "dataset)")
-        ds = D.load_dataset(name)
+            raise CliError("hbk analyze: expected --dataset (the model file does not name its "
+                           "dataset)")
+        ds = D.load_dataset(D.check_dataset_name("hbk analyze", name))
+    check_model_data("hbk analyze", model, ds)
     model.eval()
     m64 = M.as_dtype_model(model, torch.float64)
     X, y = ds.train_data()
@@ -446,7 +519,7 @@ def _cmd_analyze(args) -> int:
         figs += ["spectrum.png", "sample_alignment.png"]
     payload["figures"] = figs
     payload["seconds"] = time.perf_counter() - t0
-    (out / "analysis.json").write_text(json.dumps(M.to_jsonable(payload), indent=1))
+    atomic_write_text(out / "analysis.json", json.dumps(M.to_jsonable(payload), indent=1))
     g = "collapsed (" + str(an.collapse_reason) + ")" if an.G is None else f"{an.G:.4f}"
     _say(args, f"{ds.name}: p = {an.num_params}, G_{args.rule} = {g}"
                f"{' (lower bound)' if an.G_lower_bound else ''}, eps = {an.eps.eps:.4f}, "
@@ -465,7 +538,8 @@ def _cmd_reproduce(args) -> int:
 
     seeds = list(range(args.seed, args.seed + args.seeds))
     settings = _settings(args)
-    datasets = [_DATASET_ALIASES.get(d, d) for d in args.datasets] if args.datasets else None
+    datasets = args.datasets
+    check_writable("hbk reproduce --out", args.out)
     t0 = time.perf_counter()
     if args.what == "table1":
         payload = E.table1(args.out, datasets=datasets or E.TABLE1_DATASETS, seeds=seeds,
@@ -485,8 +559,65 @@ def _cmd_reproduce(args) -> int:
     return 0
 
 
+def _check_reproduce(parser: argparse.ArgumentParser, args) -> None:
+    """Unknown ``--datasets`` names are usage errors, found before any work."""
+    from .boundary import experiments as E
+    from .boundary.datasets import check_dataset_name
+
+    if not args.datasets:
+        return
+    names = [_DATASET_ALIASES.get(d, d) for d in args.datasets]
+    allowed = E.TABLE2_DATASETS if args.what == "table2" else E.TABLE1_DATASETS
+    for d in names:
+        if args.what == "table2":
+            try:
+                check_dataset_name("hbk reproduce", d)
+            except ValueError as err:
+                parser.error(f"argument --datasets: {str(err).split(': ', 1)[1]}")
+            if d in E.TABLE1_DATASETS:
+                parser.error(f"argument --datasets: expected table2 datasets such as "
+                             f"{', '.join(allowed)} (the 2-D sets are table1's), got {d!r}")
+        elif d not in allowed:
+            parser.error(f"argument --datasets: expected {args.what} datasets from "
+                         f"{', '.join(allowed)} (or checkerboard), got {d!r}")
+    if len(set(names)) != len(names):
+        parser.error(f"argument --datasets: expected distinct names, got {names}")
+    args.datasets = names
+
+
+def _one_line(err: BaseException) -> str:
+    """The error as one line: the library's message (no traceback, no repeated prefix)."""
+    msg = str(err)
+    if isinstance(err, OSError) and err.strerror:
+        msg = err.strerror
+        if not msg.startswith("hbk") and err.filename:
+            msg = f"{msg}: {err.filename}"
+    if isinstance(err, KeyError):
+        msg = f"missing key {msg}"
+    msg = " ".join(msg.split()) or type(err).__name__
+    if msg.startswith("hbk: "):
+        msg = msg[5:]
+    if not msg.startswith("hbk"):
+        msg = f"{type(err).__name__}: {msg}"
+    return msg
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = " ".join(str(message).split())
+    if issubclass(category, DamagedFileWarning):
+        print(f"hbk: warning: {text[5:] if text.startswith('hbk: ') else text}",
+              file=sys.stderr, flush=True)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line).rstrip(),
+              file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hbk`` console script.
+
+    Usage errors (bad options, unknown names) exit with status 2 through argparse; every
+    other error is printed as one line ``hbk: error: ...`` with exit status 1 (the traceback
+    only with ``--debug``); Ctrl-C exits with 130.
 
     Args:
         argv: arguments without the program name (default ``sys.argv[1:]``).
@@ -496,9 +627,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.command == "reproduce":
+        _check_reproduce(args._reproduce_parser, args)
     handler = {"demo": _cmd_demo, "train": _cmd_train, "analyze": _cmd_analyze,
                "reproduce": _cmd_reproduce}[args.command]
-    return handler(args)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return handler(args)
+        except KeyboardInterrupt:
+            if args.debug:
+                raise
+            print("hbk: interrupted (finished runs are kept; rerun to resume)", file=sys.stderr)
+            return 130
+        except Exception as err:  # noqa: BLE001 - every library error becomes one line
+            if args.debug:
+                traceback.print_exc()
+            print(f"hbk: error: {_one_line(err)}", file=sys.stderr, flush=True)
+            return 1
 
 
 if __name__ == "__main__":  # pragma: no cover
