@@ -1,7 +1,8 @@
 """Data-parallel operators on torch.distributed.
 
 Every rank holds a shard of the data and the same model. A Hessian-vector product is the
-size-weighted sum of the ranks' local products (one all-reduce), so every rank sees the
+weighted sum of the ranks' local products (``n_r / N`` for a mean loss, 1 for a sum; one
+all-reduce), on the :class:`~hbkernels.operators.LinearOperator` base, so every rank sees the
 identical product and can run the same deterministic Lanczos driver in lockstep (same seed or
 v0): the eigenpairs come out identical on all ranks. Per-sample quantities are computed on the
 local shard and gathered.
@@ -16,17 +17,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .hessian import HessianOperator
-from .lanczos import LanczosResult, lanczos
+from .checks import check_int, fail
+from .hessian import HessianOperator, eigs
+from .lanczos import LanczosResult
+from .operators import LinearOperator
 from .persample import gradient_alignment
 
 
 def _require_initialized(fn: str) -> None:
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            f"{fn}: expected an initialised torch.distributed process group "
-            "(call torch.distributed.init_process_group first)"
-        )
+        fail(fn, "an initialised torch.distributed process group (call "
+             "torch.distributed.init_process_group first)", "none", RuntimeError, raw=True)
 
 
 def shard(data: tuple[torch.Tensor, torch.Tensor], rank: int | None = None,
@@ -38,74 +39,85 @@ def shard(data: tuple[torch.Tensor, torch.Tensor], rank: int | None = None,
         rank, world_size: default to the current process group's.
     """
     fn = "hbk.distributed.shard"
+    if not (isinstance(data, (tuple, list)) and len(data) == 2
+            and all(isinstance(t, torch.Tensor) for t in data)):
+        fail(fn, "data to be a pair of tensors (X, y)", data, TypeError)
+    X, y = data
+    if X.dim() == 0 or y.dim() == 0 or X.shape[0] != y.shape[0]:
+        fail(fn, "X and y with the same number of rows",
+             f"shapes {tuple(X.shape)} and {tuple(y.shape)}", raw=True)
     if rank is None or world_size is None:
         _require_initialized(fn)
         rank, world_size = dist.get_rank(), dist.get_world_size()
+    check_int(fn, "world_size", world_size, 1)
+    check_int(fn, "rank", rank)
     if not 0 <= rank < world_size:
-        raise ValueError(f"{fn}: expected 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
-    X, y = data
+        fail(fn, "0 <= rank < world_size", f"rank {rank}, world_size {world_size}", raw=True)
     n = X.shape[0]
     start, stop = rank * n // world_size, (rank + 1) * n // world_size
     return X[start:stop], y[start:stop]
 
 
-class DistributedHessianOperator:
-    """The Hessian of the mean loss over the union of all ranks' shards.
+class DistributedHessianOperator(LinearOperator):
+    """The Hessian of the objective over the union of all ranks' shards.
+
+    The local product is weighted by ``n_local / N`` for a "mean" loss (the mean over all
+    ranks' samples) and by 1 for a "sum" loss, then all-reduced.
 
     Args:
         model, loss_fn: as for :class:`hbkernels.HessianOperator` (same model on every rank).
-        local_data: this rank's ``(X, y)`` or batches (may be empty on no rank).
+        local_data: this rank's ``(X, y)`` or batches.
         group: the process group (default: the world).
-        **kwargs: forwarded to :class:`hbkernels.HessianOperator` (params, method, dtype).
+        **kwargs: forwarded to :class:`hbkernels.HessianOperator` (params, method, dtype,
+            reduction, ...).
 
     Attributes:
         dim: ``p``; num_samples: total over ranks; num_matvecs: products on this rank.
     """
 
+    name = "DistributedHessianOperator"
+
     def __init__(self, model: nn.Module, loss_fn: Callable, local_data: Any, group=None, **kwargs: Any):
-        _require_initialized("hbk.DistributedHessianOperator")
+        _require_initialized(f"hbk.{self.name}")
         self.local = HessianOperator(model, loss_fn, local_data, **kwargs)
+        super().__init__(self.local.dim, self.local.dtype, self.local.device)
         self.group = group
         total = torch.tensor([float(self.local.num_samples)], dtype=torch.float64)
         dist.all_reduce(total, group=group)
         self.num_samples = int(total.item())
-        self.weight = self.local.num_samples / self.num_samples
-        self.dim = self.local.dim
-        self.device = self.local.device
+        mean = self.local.objective.loss.reduction == "mean"
+        self.weight = self.local.num_samples / self.num_samples if mean else 1.0
+        self.methods_used = self.local.methods_used
 
-    @property
-    def num_matvecs(self) -> int:
-        return self.local.num_matvecs
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.dim, self.dim)
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """``H v`` for ``v`` of shape ``(p,)`` or ``(p, b)``; a collective: call on every rank."""
-        out = self.local.matvec(v) * self.weight
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """A collective: call on every rank."""
+        out = self.local.matvec(V).mul_(self.weight)
         dist.all_reduce(out, group=self.group)
         return out
-
-    __matmul__ = matvec
 
 
 def distributed_hessian_eigs(model: nn.Module, loss_fn: Callable, local_data: Any, k: int,
                              which: str = "LA", tol: float = 1e-6, seed: int = 0, group=None,
-                             **lanczos_kwargs: Any) -> LanczosResult:
+                             **kwargs: Any) -> LanczosResult:
     """Top-k Hessian eigenpairs over sharded data; returns the same result on every rank.
 
     The Lanczos start vector comes from ``seed`` (the same on every rank), so the drivers on all
-    ranks take identical steps. Arguments as for :func:`hbkernels.hessian_eigs`.
+    ranks take identical steps. Arguments as for :func:`hbkernels.hessian_eigs` (operator
+    keywords: params, method, hvp_dtype, reduction, forward, check_deterministic, ...).
     """
-    op = DistributedHessianOperator(model, loss_fn, local_data, group=group)
-    lanczos_kwargs.setdefault("device", op.device)
-    return lanczos(op.matvec, op.dim, k, which=which, tol=tol, seed=seed, **lanczos_kwargs)
+    op_keys = ("params", "method", "reduction", "forward", "check_deterministic", "allow_shuffle", "cache")
+    op_kw = {k: kwargs.pop(k) for k in op_keys if k in kwargs}
+    if "hvp_dtype" in kwargs:
+        op_kw["dtype"] = kwargs.pop("hvp_dtype")
+    op = DistributedHessianOperator(model, loss_fn, local_data, group=group, **op_kw)
+    return eigs(op, k, which=which, tol=tol, seed=seed, **kwargs)
 
 
 def gather_rows(local: torch.Tensor, group=None) -> torch.Tensor:
     """Concatenate every rank's ``(n_r, ...)`` tensor in rank order (n_r may differ)."""
     _require_initialized("hbk.distributed.gather_rows")
+    if not isinstance(local, torch.Tensor) or local.dim() == 0:
+        fail("hbk.distributed.gather_rows", "a tensor with a row dimension", local, TypeError)
     world = dist.get_world_size(group)
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([local.shape[0]], dtype=torch.int64), group=group)

@@ -121,8 +121,8 @@ class Loss:
         n, c = outputs.shape
         scale = weight / n if self.reduction == "mean" else weight
         if self.name == "cross_entropy":
-            if targets.is_floating_point() or targets.dim() != 1:
-                return None  # soft labels: the autograd route is exact
+            if targets.is_floating_point() or targets.dim() != 1 or bool((targets < 0).any()):
+                return None  # soft labels, ignored targets: the autograd route is exact
             p = torch.softmax(outputs.detach(), dim=1)[:, None, :]
             return lambda R: (p * R - p * (R * p).sum(-1, keepdim=True)) * scale
         if self.name == "nll":

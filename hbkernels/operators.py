@@ -131,12 +131,31 @@ class MatrixOperator(LinearOperator):
         return self.matrix @ V
 
 
+class _ForeignOperator(LinearOperator):
+    """Any object with ``dim`` and a block ``matvec``, behind the base's checks (a product of
+    the wrong shape, e.g. ``(dim, 1)`` for a block, is an error, never broadcast)."""
+
+    def __init__(self, op: Any) -> None:
+        super().__init__(op.dim, getattr(op, "dtype", torch.float64), getattr(op, "device", "cpu"))
+        self.op = op
+        self.name = type(op).__name__
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        out = self.op.matvec(V)
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and out.dtype != self.dtype:
+            out = out.to(self.dtype)
+        return out
+
+
 def as_operator(fn: str, op: Any) -> LinearOperator:
-    """A tensor as a :class:`MatrixOperator`; an operator (anything with ``dim`` and ``matvec``)
-    as it is."""
+    """A tensor as a :class:`MatrixOperator`; a :class:`LinearOperator` as it is; any other
+    object with ``dim`` and ``matvec`` wrapped so that its products are checked."""
     if isinstance(op, torch.Tensor):
         return MatrixOperator(op)
-    if not hasattr(op, "dim") or not hasattr(op, "matvec") or not isinstance(op.dim, int):
+    if isinstance(op, LinearOperator):
+        return op
+    if not hasattr(op, "dim") or not hasattr(op, "matvec") or isinstance(op.dim, bool) \
+            or not isinstance(op.dim, int):
         fail(fn, "an operator with .dim and .matvec (HessianOperator, MatrixOperator, ...) or a "
              "square tensor", op, TypeError)
-    return op
+    return _ForeignOperator(op)

@@ -66,6 +66,16 @@ class MLP(nn.Module):
         """The Linear layers in forward order (``fc1``, ``fc2``, ...)."""
         return [getattr(self, f"fc{i}") for i in range(1, len(self.sizes))]
 
+    def linear_chain(self):
+        """This net as a :class:`hbkernels.hvp.LinearChain` (closed-form Hessian products), or
+        None when its forward is not the plain chain (log_softmax, an overridden forward)."""
+        from ..hvp import LinearChain
+
+        if self.log_softmax or type(self).forward is not MLP.forward:
+            return None
+        layers = self.linears()
+        return LinearChain(tuple(layers), (self.activation,) * (len(layers) - 1), flatten=True)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(n, *in_shape)`` -> ``(n, C)``."""
         layers = self.linears()

@@ -1,0 +1,90 @@
+"""Curvature products of an :class:`~hbkernels.objective.Objective`: one class per method.
+
+* :class:`ReverseOverReverse` (``"double_backward"``): double backward; the first-order graph
+  is kept when the data is one in-memory batch;
+* :class:`ForwardOverReverse` (``"forward_over_reverse"``): ``jvp(grad)`` with torch.func,
+  vmapped over blocks;
+* :class:`ChainProducts` (``"linear_chain"``): closed forms for a :class:`LinearChain`
+  (Hessian, or Gauss-Newton with ``ggn=True``), identity columns with symmetry;
+* :class:`JacobianGGN` (``"jvp_vjp"``): Gauss-Newton products ``J^T H_out J`` for any model.
+
+The ``auto`` rule (:func:`hessian_method`, :func:`ggn_method`) decides from the model's
+structure, never from timed trial products: the closed-form chain when the model provides a
+chain that fits the data, else reverse-over-reverse (Hessian) or JVP/VJP (Gauss-Newton).
+Every product runs attention through the math SDPA backend (:func:`math_attention`).
+"""
+
+from __future__ import annotations
+
+from ..checks import fail
+from .base import HVPMethod, identity_block, math_attention, output_hessian
+from .chain import CHAIN_ACTIVATIONS, LinearChain, find_chain
+from .chain_hvp import ChainProducts, chain_unfit_reason
+from .forward import ForwardOverReverse
+from .ggn import JacobianGGN
+from .reverse import ReverseOverReverse
+
+__all__ = [
+    "CHAIN_ACTIVATIONS",
+    "GGN_METHODS",
+    "HESSIAN_METHODS",
+    "ChainProducts",
+    "ForwardOverReverse",
+    "HVPMethod",
+    "JacobianGGN",
+    "LinearChain",
+    "ReverseOverReverse",
+    "find_chain",
+    "ggn_method",
+    "hessian_method",
+    "identity_block",
+    "math_attention",
+    "output_hessian",
+]
+
+HESSIAN_METHODS = ("auto", "double_backward", "reverse_over_reverse", "forward_over_reverse",
+                   "linear_chain")
+GGN_METHODS = ("auto", "jvp_vjp", "linear_chain")
+
+
+def _chain_for(obj):
+    """The model's chain if its closed forms can serve the objective's data, else None."""
+    chain = find_chain(obj.model, obj.fn)
+    if chain is None or chain_unfit_reason(obj, chain, obj.data.first()) is not None:
+        return None
+    return chain
+
+
+def _no_chain(fn: str, obj) -> None:
+    chain = find_chain(obj.model, fn)
+    got = (f"{type(obj.model).__name__}" if chain is None else
+           chain_unfit_reason(obj, chain, obj.data.first()))
+    fail(fn, "a Linear/activation chain for method='linear_chain' (an nn.Sequential of [Flatten,] "
+         "Linear, ReLU|Tanh|Sigmoid, ..., Linear, or a model with a linear_chain() method) and "
+         "(X, y) data it can take", got, raw=True)
+
+
+def hessian_method(fn: str, obj, method: str) -> HVPMethod:
+    """The Hessian product strategy ``method`` (one of :data:`HESSIAN_METHODS`) for ``obj``."""
+    if method in ("double_backward", "reverse_over_reverse"):
+        return ReverseOverReverse(obj)
+    if method == "forward_over_reverse":
+        return ForwardOverReverse(obj)
+    chain = _chain_for(obj)
+    if chain is not None:
+        return ChainProducts(obj, chain)
+    if method == "linear_chain":
+        _no_chain(fn, obj)
+    return ReverseOverReverse(obj)
+
+
+def ggn_method(fn: str, obj, method: str) -> HVPMethod:
+    """The Gauss-Newton product strategy ``method`` (one of :data:`GGN_METHODS`) for ``obj``."""
+    if method == "jvp_vjp":
+        return JacobianGGN(obj)
+    chain = _chain_for(obj)
+    if chain is not None:
+        return ChainProducts(obj, chain, ggn=True)
+    if method == "linear_chain":
+        _no_chain(fn, obj)
+    return JacobianGGN(obj)
