@@ -105,7 +105,7 @@ def check_all(model, X, *, labels="pred", loss="ce", targets=None, block_size=No
     else:
         y = pred(model, X, forward)
     G = ref_grads(model, X, y, loss, forward)
-    kw = dict(labels=labels, loss=loss, targets=targets, block_size=block_size, forward=forward)
+    kw = {"labels": labels, "loss": loss, "targets": targets, "block_size": block_size, "forward": forward}
     assert_close_scaled(hbk.per_sample_grads(model, X, **kw), G)
     gen = torch.Generator().manual_seed(seed)
     dtype = G.dtype

@@ -144,10 +144,10 @@ def test_tuple_dict_and_forward_inputs(dtype):
     torch.manual_seed(6)
     model = DictModel().to(dtype)
     batch = {"image": torch.randn(5, 1, 6, 6, dtype=dtype), "extra": torch.randn(5, 2, dtype=dtype)}
-    fwd = lambda m, b: m(**b).logits  # noqa: E731
+    fwd = lambda m, b: m(**b).logits
     G = check_all(model, batch, forward=fwd, block_size=2, k=3)
     assert_close_scaled(G, loop_grads(model, batch, pred(model, batch, fwd), forward=fwd))
-    tfwd = lambda m, b: m(*b).logits  # noqa: E731
+    tfwd = lambda m, b: m(*b).logits
     tup = (batch["image"], batch["extra"])
     assert_close_scaled(hbk.per_sample_grads(model, tup, forward=tfwd), G)
 

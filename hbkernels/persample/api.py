@@ -57,7 +57,7 @@ def _check_vectors(fn: str, eng: Engine, vectors: Any, name: str = "vectors"):
 
 
 def _norms(gsq: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (gsq.double().sqrt_() / scale).to(dtype)
+    return (gsq.double().sqrt() / scale).to(dtype)  # not in place: gsq may be float64
 
 
 def _cosines(dots: torch.Tensor, gsq: torch.Tensor, vs: VectorSet) -> torch.Tensor:
