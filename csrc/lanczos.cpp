@@ -40,6 +40,8 @@ Which parse_which(const std::string& which) {
 
 namespace {
 
+constexpr int64_t PROBE_MIN = 5;
+
 using Clock = std::chrono::steady_clock;
 
 double seconds_between(Clock::time_point a, Clock::time_point b) {
@@ -100,6 +102,9 @@ at::Tensor apply_rows(const BlockMatvec& op, const at::Tensor& Q, int64_t r0, in
   TORCH_CHECK_TYPE(y.is_floating_point(),
                    "hbk.lanczos: expected matvec to return a floating-point tensor, got ",
                    y.scalar_type());
+  TORCH_CHECK_TYPE(y.device() == Q.device(),
+                   "hbk.lanczos: expected matvec to return a tensor on the basis device ",
+                   Q.device(), ", got one on ", y.device());
   at::Tensor out = at::empty({b, dim}, Q.options());
   out.copy_(y.detach().reshape({dim, b}).t());
   return out;
@@ -192,31 +197,111 @@ class ThickRestartLanczos {
     auto t0 = Clock::now();
     bool done = false;
     while (!done) {
-      if (num_mv_ + pending_ > opts_.max_matvecs) break;  // budget spent
+      if (num_mv_ + pending_ > opts_.max_matvecs) {  // budget spent
+        if (probing_) status_ = VerifyStatus::kNoBudget;
+        break;
+      }
       expand();
       if (monitor_) monitor_(LanczosProgress{num_mv_, nl_, restarts_});
       const bool full = pending_ == 0 || nl_ + na_ + b_ > opts_.ncv;
       const bool budget = num_mv_ + pending_ > opts_.max_matvecs;
       if (!(full || budget || na_ % check_every() == 0)) continue;
       solve_projected();
+      if (probing_) {
+        const int64_t top = order_[0];
+        if (clearly_before(theta_[top], threshold_)) {
+          // A pair more wanted than the k-th locked one, missed so far (a further copy of a
+          // repeated eigenvalue, or one that the first Krylov space did not reach): converge
+          // it in this space as in the main phase, then probe again.
+          probing_ = false;
+          ++probe_found_;
+        } else {
+          if (pending_ == 0 || num_mv_ - probe_start_ >= probe_budget_) {
+            status_ = VerifyStatus::kChecked;
+            done = true;
+          } else if (budget) {
+            status_ = VerifyStatus::kNoBudget;
+            done = true;
+          } else if (full && !restart()) {
+            status_ = VerifyStatus::kNoRoom;
+            done = true;
+          }
+          continue;
+        }
+      }
+      if (first_pair_ < 0 && (nl_ > 0 || is_converged(order_[0]))) first_pair_ = num_mv_;
       if (all_wanted_converged()) {
-        done = true;
+        if (first_converged_ < 0) first_converged_ = num_mv_;
+        if (!start_probe()) done = true;
       } else if (pending_ == 0) {
         // Complete basis: the Ritz pairs are exact up to rounding; nothing more to add.
         done = true;
       } else if (full && !budget) {
-        restart();
+        if (!restart()) done = true;
       }
     }
-    if (!have_solution_) solve_projected();
+    if (!probing_ && !have_solution_ && na_ > 0) solve_projected();
+    auto tf = Clock::now();
     LanczosOutput out = finish();
+    out.finish_seconds = seconds_between(tf, Clock::now());
     out.total_seconds = seconds_between(t0, Clock::now());
     return out;
   }
 
  private:
-  // Convergence checks cost an O(na^3) host eigensolve; check about 4 times per basis fill.
-  int64_t check_every() const { return std::max<int64_t>(b_, (opts_.ncv / 4 / b_) * b_); }
+  // Convergence checks cost an O(na^3) host eigensolve; check about 4 times per basis fill
+  // in the main phase and after every call while probing (a probe's basis is small).
+  int64_t check_every() const {
+    if (probing_) return b_;
+    return std::max<int64_t>(b_, (opts_.ncv / 4 / b_) * b_);
+  }
+
+  // Whether value a is more wanted than b.
+  bool before(double a, double b) const {
+    switch (opts_.which) {
+      case Which::LA: return a > b;
+      case Which::SA: return a < b;
+      case Which::LM: return std::abs(a) > std::abs(b);
+    }
+    return false;
+  }
+
+  // Whether a is more wanted than b by more than the tolerance (so not a rounding effect of
+  // the deflation, whose dropped couplings are bounded by the locked pairs' residuals).
+  bool clearly_before(double a, double b) const {
+    const double slack = 10.0 * opts_.tol * std::max(std::abs(b), theta1_);
+    switch (opts_.which) {
+      case Which::LA: return a > b + slack;
+      case Which::SA: return a < b - slack;
+      case Which::LM: return std::abs(a) > std::abs(b) + slack;
+    }
+    return false;
+  }
+
+  std::vector<double> sorted_locked() const {
+    std::vector<double> v(lock_vals_);
+    std::stable_sort(v.begin(), v.end(), [&](double a, double b) { return before(a, b); });
+    return v;
+  }
+
+  // The active Ritz indices among the k most wanted of the locked and active Ritz values, in
+  // wanted order (ties go to the locked values).
+  std::vector<int64_t> wanted_active() const {
+    const auto lk = sorted_locked();
+    std::vector<int64_t> out;
+    size_t il = 0, ia = 0;
+    for (int64_t t = 0; t < opts_.k; ++t) {
+      const bool have_a = ia < order_.size(), have_l = il < lk.size();
+      if (have_a && (!have_l || before(theta_[order_[ia]], lk[il]))) {
+        out.push_back(order_[ia++]);
+      } else if (have_l) {
+        ++il;
+      } else {
+        break;
+      }
+    }
+    return out;
+  }
 
   // Orthonormalises the rows of W (b x dim, already orthogonal to Q[0:r0]) into the pending
   // rows Q[r0:r0+made]; fills coupling_ (made x b, row-major) with W^T = Qn^T coupling.
@@ -245,16 +330,21 @@ class ThickRestartLanczos {
     }
     // Random replacements (zero coupling) keep the block full while there is room.
     while (made < target) {
-      at::Tensor w = rng_.next(dim_, Q_.options());
-      if (r0 + made > 0) cgs2(w, Q_.narrow(0, 0, r0 + made));
-      const double rho = at::linalg_vector_norm(w, 2, {}, false, at::kDouble).item<double>();
-      TORCH_CHECK(rho > 0.5 * std::sqrt(eps_), "hbk.lanczos: could not extend the basis");
-      Q_.narrow(0, r0 + made, 1).copy_(w / rho);
+      Q_.narrow(0, r0 + made, 1).copy_(random_orthogonal(r0 + made));
       ++made;
     }
     pending_ = made;
     coupling_rows_ = made;
     coupling_cols_ = bw;
+  }
+
+  // A random unit row orthogonal to Q[0:r].
+  at::Tensor random_orthogonal(int64_t r) {
+    at::Tensor w = rng_.next(dim_, Q_.options());
+    if (r > 0) cgs2(w, Q_.narrow(0, 0, r));
+    const double rho = at::linalg_vector_norm(w, 2, {}, false, at::kDouble).item<double>();
+    TORCH_CHECK(rho > 0.5 * std::sqrt(eps_), "hbk.lanczos: could not extend the basis");
+    return w.mul_(1.0 / rho);
   }
 
   double& T(int64_t i, int64_t j) { return T_[static_cast<size_t>(i * rows_ + j)]; }
@@ -263,6 +353,8 @@ class ThickRestartLanczos {
   // columns of T.
   void expand() {
     const int64_t r0 = nl_ + na_, bb = pending_;
+    const double mv_before = matvec_seconds_;
+    auto t0 = Clock::now();
     at::Tensor W = apply_rows(op_, Q_, r0, bb, dim_, matvec_seconds_);
     num_mv_ += bb;
     if (P_.defined()) P_.narrow(0, r0, bb).copy_(W);
@@ -310,10 +402,12 @@ class ThickRestartLanczos {
       for (int64_t c = 0; c < bb; ++c) {
         if (na_ + r < rows_) T(na_ + r, na_ - bb + c) = coupling_[r * bb + c];
       }
+    orth_seconds_ += seconds_between(t0, Clock::now()) - (matvec_seconds_ - mv_before);
   }
 
   // Eigen-decomposition of the active T; Lanczos residual estimates of every Ritz pair.
   void solve_projected() {
+    auto t0 = Clock::now();
     const int64_t m = na_;
     std::vector<double> a(static_cast<size_t>(m * m));
     for (int64_t i = 0; i < m; ++i)
@@ -336,17 +430,18 @@ class ThickRestartLanczos {
     if (m > 0) all.push_back(theta_[order_[0]]);
     theta1_ = all.empty() ? 0.0 : std::abs(all[wanted_order(all, opts_.which)[0]]);
     have_solution_ = true;
+    solve_seconds_ += seconds_between(t0, Clock::now());
   }
 
   bool is_converged(int64_t i) const {
     return est_[i] <= opts_.tol * std::max(std::abs(theta_[i]), theta1_);
   }
 
+  // Whether the k most wanted of the locked and active Ritz values are all converged.
   bool all_wanted_converged() const {
-    const int64_t need = opts_.k - nl_;
-    if (need > na_) return false;
-    for (int64_t j = 0; j < need; ++j)
-      if (!is_converged(order_[j])) return false;
+    if (nl_ + na_ < opts_.k) return false;
+    for (int64_t i : wanted_active())
+      if (!is_converged(i)) return false;
     return true;
   }
 
@@ -359,18 +454,35 @@ class ThickRestartLanczos {
     return at::mm(host_matrix(st, s, m, X), X.narrow(0, nl_, m));
   }
 
+  // Moves the Ritz vectors `sel` (lock first, then keep) to the rows after the locked ones;
+  // the first `nlock` become locked.
+  void compress(const std::vector<int64_t>& sel, int64_t nlock) {
+    const int64_t ns = static_cast<int64_t>(sel.size());
+    if (ns > 0) {
+      at::Tensor Y = ritz_rows(Q_, sel);
+      at::Tensor AY = P_.defined() ? ritz_rows(P_, sel) : at::Tensor();
+      Q_.narrow(0, nl_, ns).copy_(Y);
+      if (P_.defined()) P_.narrow(0, nl_, ns).copy_(AY);
+    }
+    for (int64_t j = 0; j < nlock; ++j) lock_vals_.push_back(theta_[sel[j]]);
+  }
+
   // Thick restart: lock the converged wanted pairs, keep about half of the basis of the most
-  // wanted unconverged Ritz vectors, and continue from the pending block.
-  void restart() {
-    const int64_t need = opts_.k - nl_;
+  // wanted unconverged Ritz vectors, and continue from the pending block. Returns false when
+  // the locked vectors leave no room to continue.
+  bool restart() {
+    auto t0 = Clock::now();
     std::vector<int64_t> lock, keep;
-    for (int64_t j = 0; j < std::min(need, na_); ++j)
-      if (is_converged(order_[j])) lock.push_back(order_[j]);
+    const auto wanted = probing_ ? std::vector<int64_t>{} : wanted_active();
+    for (int64_t i : wanted)
+      if (is_converged(i)) lock.push_back(i);
     const int64_t nl_new = nl_ + static_cast<int64_t>(lock.size());
     const int64_t room = opts_.ncv - nl_new;  // active capacity after the restart
-    const int64_t still = opts_.k - nl_new;
+    const int64_t still =
+        probing_ ? 1 : static_cast<int64_t>(wanted.size()) - static_cast<int64_t>(lock.size());
     int64_t nkeep = std::max(still, still + (room - still) / 2);
     nkeep = std::min(nkeep, room - b_);
+    if (nkeep < 0 || (nkeep == 0 && still > 0 && room < 2 * b_)) return false;
     for (int64_t j = 0; j < na_ && static_cast<int64_t>(keep.size()) < nkeep; ++j) {
       const int64_t i = order_[j];
       if (std::find(lock.begin(), lock.end(), i) == lock.end()) keep.push_back(i);
@@ -378,13 +490,9 @@ class ThickRestartLanczos {
     std::vector<int64_t> sel(lock);
     sel.insert(sel.end(), keep.begin(), keep.end());
     const int64_t ns = static_cast<int64_t>(sel.size());
-    at::Tensor Y = ritz_rows(Q_, sel);
-    at::Tensor AY = P_.defined() ? ritz_rows(P_, sel) : at::Tensor();
     at::Tensor pending = Q_.narrow(0, nl_ + na_, pending_).clone();
-    Q_.narrow(0, nl_, ns).copy_(Y);
-    if (P_.defined()) P_.narrow(0, nl_, ns).copy_(AY);
+    compress(sel, static_cast<int64_t>(lock.size()));
     Q_.narrow(0, nl_ + ns, pending_).copy_(pending);
-    for (int64_t i : lock) lock_vals_.push_back(theta_[i]);
     // New active T: diag(theta_keep) with the arrow coupling to the pending block.
     const int64_t nk = static_cast<int64_t>(keep.size()), m = na_;
     std::vector<double> Tn(static_cast<size_t>(rows_ * rows_), 0.0);
@@ -403,25 +511,111 @@ class ThickRestartLanczos {
     ++restarts_;
     have_solution_ = false;
     just_restarted_ = true;
+    restart_seconds_ += seconds_between(t0, Clock::now());
+    return true;
+  }
+
+  // All wanted pairs have converged: lock them and, unless verification is off or there is
+  // no room, start a probe, a fresh Krylov space from random vectors orthogonal to the
+  // locked ones. A single start vector reaches one direction of each eigenspace (in exact
+  // arithmetic), so a repeated eigenvalue's further copies, or any wanted eigenvalue that
+  // the first space missed, show up as Ritz values of the probe more wanted than the k-th
+  // locked value. Returns false when the run is over.
+  bool start_probe() {
+    const auto wanted = wanted_active();
+    const int64_t nl_new = nl_ + static_cast<int64_t>(wanted.size());
+    if (!opts_.verify) {
+      status_ = VerifyStatus::kOff;
+      return false;
+    }
+    if (nl_new >= dim_ || pending_ == 0) {  // nothing outside the basis: the pairs are exact
+      status_ = VerifyStatus::kComplete;
+      return false;
+    }
+    if (opts_.ncv != dim_ && opts_.ncv - nl_new < 2 * b_ + 2) {
+      status_ = VerifyStatus::kNoRoom;
+      return false;
+    }
+    // Length of a probe. A random start has a component of about 1/sqrt(dim) along a missed
+    // eigenvector; the main phase amplified such a component to convergence (eigenvalue
+    // error ~ tol, residual ~ sqrt(tol) relative) in first_pair_ products. A missed pair
+    // competes with fewer wanted pairs in the probe and only has to rise above the
+    // threshold: the Chebyshev amplification needed is the log(sqrt(dim)) part of the
+    // log(sqrt(dim) / sqrt(tol)) that the main phase paid, given here twice over.
+    const double L = 0.5 * std::log(static_cast<double>(dim_));
+    const double ratio = std::min(1.0, 2.0 * L / (L + 0.5 * std::log(1.0 / opts_.tol)));
+    const int64_t s1 = first_pair_ > 0 ? first_pair_ : first_converged_;
+    probe_budget_ = std::max<int64_t>(PROBE_MIN * b_,
+                                      static_cast<int64_t>(std::ceil(ratio * s1 / b_)) * b_);
+    if (num_mv_ + probe_budget_ > opts_.max_matvecs || num_probes_ > opts_.k) {
+      status_ = VerifyStatus::kNoBudget;
+      return false;
+    }
+    auto t0 = Clock::now();
+    compress(wanted, static_cast<int64_t>(wanted.size()));
+    nl_ = nl_new;
+    na_ = 0;
+    std::fill(T_.begin(), T_.end(), 0.0);
+    at::Tensor W = at::empty({b_, dim_}, Q_.options());
+    for (int64_t c = 0; c < b_; ++c) W.narrow(0, c, 1).copy_(random_orthogonal(nl_));
+    orthonormalise_block(W, nl_, 1.0);
+    last_block_ = 0;
+    threshold_ = sorted_locked()[static_cast<size_t>(opts_.k - 1)];
+    probing_ = true;
+    probe_start_ = num_mv_;
+    ++num_probes_;
+    order_.clear();
+    have_solution_ = false;
+    just_restarted_ = true;
+    restart_seconds_ += seconds_between(t0, Clock::now());
+    return true;
   }
 
   LanczosOutput finish() {
-    // Candidates: the locked pairs, then the most wanted active Ritz pairs.
-    const int64_t need = std::min(opts_.k - nl_, na_);
-    std::vector<int64_t> sel(order_.begin(), order_.begin() + need);
-    std::vector<double> vals(lock_vals_);
-    std::vector<char> est_ok(static_cast<size_t>(nl_), 1);
-    for (int64_t i : sel) {
-      vals.push_back(theta_[i]);
-      est_ok.push_back(is_converged(i) ? 1 : 0);
+    // Candidates: the locked pairs, then (unless a probe was cut short) the most wanted
+    // active Ritz pairs; the answer is the k most wanted of them.
+    struct Cand {
+      double val;
+      int64_t row;   // locked row, or -1
+      int64_t ritz;  // active Ritz index, or -1
+      char ok;
+    };
+    std::vector<Cand> cands;
+    for (int64_t j = 0; j < nl_; ++j) cands.push_back({lock_vals_[j], j, -1, 1});
+    if (!probing_ && have_solution_) {
+      for (int64_t t = 0; t < std::min<int64_t>(opts_.k, na_); ++t) {
+        const int64_t i = order_[t];
+        cands.push_back({theta_[i], -1, i, static_cast<char>(is_converged(i) ? 1 : 0)});
+      }
     }
-    at::Tensor Y = Q_.narrow(0, 0, nl_);
-    at::Tensor AY = P_.defined() ? P_.narrow(0, 0, nl_) : at::Tensor();
-    if (need > 0) {
-      Y = at::cat({Y, ritz_rows(Q_, sel)}, 0);
-      if (P_.defined()) AY = at::cat({AY, ritz_rows(P_, sel)}, 0);
-    }
+    std::stable_sort(cands.begin(), cands.end(),
+                     [&](const Cand& a, const Cand& b) { return before(a.val, b.val); });
+    if (static_cast<int64_t>(cands.size()) > opts_.k) cands.resize(static_cast<size_t>(opts_.k));
+    std::vector<int64_t> lrows, asel;
+    std::vector<double> vals;
+    std::vector<char> est_ok;
+    for (const auto& c : cands)
+      if (c.row >= 0) lrows.push_back(c.row);
+    for (const auto& c : cands)
+      if (c.ritz >= 0) asel.push_back(c.ritz);
+    for (const auto& c : cands)
+      if (c.row >= 0) vals.push_back(c.val), est_ok.push_back(c.ok);
+    for (const auto& c : cands)
+      if (c.ritz >= 0) vals.push_back(c.val), est_ok.push_back(c.ok);
     const int64_t kk = static_cast<int64_t>(vals.size());
+    auto index = [&](const std::vector<int64_t>& v) {
+      return at::from_blob(const_cast<int64_t*>(v.data()), {static_cast<int64_t>(v.size())},
+                           at::TensorOptions().dtype(at::kLong))
+          .clone()
+          .to(Q_.device());
+    };
+    at::Tensor li = index(lrows);
+    at::Tensor Y = Q_.index_select(0, li);
+    at::Tensor AY = P_.defined() ? P_.index_select(0, li) : at::Tensor();
+    if (!asel.empty()) {
+      Y = at::cat({Y, ritz_rows(Q_, asel)}, 0);
+      if (P_.defined()) AY = at::cat({AY, ritz_rows(P_, asel)}, 0);
+    }
     if (!P_.defined()) {  // residuals need A Y: extra operator calls, counted
       AY = at::empty({kk, dim_}, Y.options());
       at::Tensor Yc = Y.contiguous();
@@ -434,8 +628,7 @@ class ThickRestartLanczos {
     // Final order: wanted order of the values.
     auto ord = wanted_order(vals, opts_.which);
     std::vector<int64_t> perm(ord.begin(), ord.end());
-    at::Tensor idx = at::from_blob(perm.data(), {kk}, at::TensorOptions().dtype(at::kLong)).clone();
-    idx = idx.to(Y.device());
+    at::Tensor idx = index(perm);
     Y = Y.index_select(0, idx);
     AY = AY.index_select(0, idx);
     std::vector<double> sv(static_cast<size_t>(kk));
@@ -457,6 +650,13 @@ class ThickRestartLanczos {
     out.num_restarts = restarts_;
     out.reorth_passes = passes_;
     out.matvec_seconds = matvec_seconds_;
+    out.verify_status = status_;
+    out.num_probes = num_probes_;
+    out.probe_found = probe_found_;
+    out.main_matvecs = first_converged_ >= 0 ? first_converged_ : num_mv_;
+    out.orth_seconds = orth_seconds_;
+    out.solve_seconds = solve_seconds_;
+    out.restart_seconds = restart_seconds_;
     return out;
   }
 
@@ -478,7 +678,14 @@ class ThickRestartLanczos {
   double theta1_ = 0;
   bool have_solution_ = false, just_restarted_ = false;
   int64_t num_mv_ = 0, restarts_ = 0;
-  double matvec_seconds_ = 0;
+  double matvec_seconds_ = 0, orth_seconds_ = 0, solve_seconds_ = 0, restart_seconds_ = 0;
+  // Verification of the converged set (see start_probe).
+  bool probing_ = false;
+  double threshold_ = 0;  // the k-th most wanted locked value while probing
+  int64_t probe_start_ = 0, probe_budget_ = 0, num_probes_ = 0, probe_found_ = 0;
+  int64_t first_converged_ = -1;  // products when all k first converged
+  int64_t first_pair_ = -1;       // products when the most wanted pair first converged
+  VerifyStatus status_ = VerifyStatus::kNotConverged;
 };
 
 }  // namespace

@@ -8,7 +8,6 @@ block, shows the progress bar and packs the result.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from ._loader import load_extension
+from .checks import check_bool, check_choice, check_float, check_int, check_seed, check_tensor, fail
 from .results import Result
 
 _C = load_extension()
@@ -47,6 +47,18 @@ class LanczosResult(Result):
         matvec_seconds: wall time inside ``matvec``.
         total_seconds: wall time of the whole call.
         which, tol, ncv, block_size: the settings used.
+        verify_status: the check for missed (e.g. repeated) eigenvalues after convergence:
+            "checked" (a probe from a fresh random vector orthogonal to the converged ones
+            found nothing more wanted than the k-th value), "complete" (the basis spans the
+            whole space), "off" (``verify=False``), "no_room" (``ncv`` too small for a probe),
+            "no_budget" (``max_matvecs`` reached during the check) or "not_converged".
+        num_probes: probes run; probe_found: those that found a missed pair.
+        main_matvecs: products until the k pairs first converged (the rest is the check).
+        profile: seconds outside ``matvec`` by part of the driver: "orth_seconds"
+            (Gram-Schmidt and copies after each call), "solve_seconds" (projected
+            eigensolves), "restart_seconds" (restarts and probe starts), "finish_seconds"
+            (Ritz vectors and residuals), "python_seconds" (argument checks, start block and
+            result, outside the C++ driver).
     """
 
     eigenvalues: torch.Tensor
@@ -62,6 +74,11 @@ class LanczosResult(Result):
     tol: float = 1e-6
     ncv: int = 0
     block_size: int = 1
+    verify_status: str = "off"
+    num_probes: int = 0
+    probe_found: int = 0
+    main_matvecs: int = 0
+    profile: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -98,40 +115,55 @@ def default_ncv(dim: int, k: int, block_size: int = 1) -> int:
     return min(dim, max(2 * k + 1, 20, k + 2 * block_size))
 
 
-def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"hbk.lanczos: expected {name} to be an int, got {type(value).__name__}")
-    if value < lo or (hi is not None and value > hi):
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"hbk.lanczos: expected {name} {rng}, got {value}")
-    return value
+_FN = "hbk.lanczos"
+# VerifyStatus of csrc/hbk/lanczos.h
+_VERIFY = {0: "not_converged", 1: "checked", 2: "complete", 3: "off", 4: "no_room",
+           5: "no_budget"}
 
 
-def _start_block(dim: int, b: int, v0: torch.Tensor | None, seed: int | None,
+def _check_v0(v0: Any, dim: int, b: int) -> torch.Tensor:
+    """``v0`` as a float64 CPU ``(dim, c)`` block, ``1 <= c <= b``, finite and nonzero."""
+    check_tensor(_FN, "v0", v0, dims=(1, 2))
+    if not v0.is_floating_point():
+        fail(_FN, "v0 to be a floating-point tensor", v0.dtype, TypeError, raw=True)
+    v = v0.detach().to("cpu", torch.float64)
+    if v.dim() == 1:
+        v = v[:, None]
+    if v.shape[0] != dim or not 1 <= v.shape[1] <= b:
+        fail(_FN, f"v0 of shape ({dim},) or ({dim}, c) with 1 <= c <= block_size = {b}",
+             f"shape {tuple(v0.shape)}", raw=True)
+    if not bool(torch.isfinite(v).all()):
+        fail(_FN, "a finite v0", "NaN or inf values", raw=True)
+    if not bool((v.norm(dim=0) > 0).all()):
+        fail(_FN, "a nonzero v0 (every column)", "a zero column", raw=True)
+    return v
+
+
+def _check_device(device: Any, v0: Any) -> torch.device:
+    if device is None:
+        return v0.device if isinstance(v0, torch.Tensor) else torch.device("cpu")
+    if not isinstance(device, (str, torch.device)):
+        fail(_FN, "device to be None, a str or a torch.device", device, TypeError)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        fail(_FN, "device to be a valid device name such as 'cpu' or 'cuda:0'", device)
+
+
+def _start_block(dim: int, b: int, v: torch.Tensor | None, seed: int | None,
                  dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, int]:
-    """The (dim, b) start block and the seed of the driver's own random vectors."""
-    gen = torch.Generator()
+    """The (dim, b) start block (``v``'s columns first, random columns after) and the seed
+    of the driver's own random vectors."""
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed
-    gen.manual_seed(seed)
-    start = torch.randn(dim, b, generator=gen, dtype=torch.float64)
-    if v0 is not None:
-        if not isinstance(v0, torch.Tensor):
-            raise TypeError(f"hbk.lanczos: expected v0 to be a torch.Tensor, got {type(v0).__name__}")
-        if not v0.is_floating_point():
-            raise TypeError(f"hbk.lanczos: expected a floating-point v0, got {v0.dtype}")
-        v = v0.detach().to("cpu", torch.float64)
-        if v.dim() == 1:
-            v = v[:, None]
-        if v.dim() != 2 or v.shape[0] != dim or v.shape[1] > b:
-            raise ValueError(
-                f"hbk.lanczos: expected v0 of shape ({dim},) or ({dim}, c) with c <= block_size = {b}, "
-                f"got {tuple(v0.shape)}"
-            )
-        if not torch.isfinite(v).all() or v.norm() == 0:
-            raise ValueError("hbk.lanczos: expected a nonzero, finite v0, got zero or non-finite values")
-        start[:, : v.shape[1]] = v
-    return start.to(device=device, dtype=dtype), seed
+    gen = torch.Generator().manual_seed(seed)
+    c = 0 if v is None else v.shape[1]
+    start = torch.empty(dim, b, dtype=dtype, device=device)
+    if c:
+        start[:, :c] = v
+    if c < b:
+        start[:, c:] = torch.randn(dim, b - c, generator=gen, dtype=torch.float64)
+    return start, seed
 
 
 def lanczos(
@@ -150,103 +182,116 @@ def lanczos(
     quiet: bool = True,
     store_products: bool = True,
     reorth: str = "selective",
+    verify: bool = True,
 ) -> LanczosResult:
     """k extreme eigenpairs of a symmetric linear operator (thick-restart Lanczos).
 
-    Thick-restart Lanczos (Wu & Simon) with full reorthogonalisation (two classical
-    Gram-Schmidt passes against the whole basis, as GEMVs/GEMMs on the vectors' device),
-    locking of converged pairs, convergence test ``|beta_m s_mi| <= tol * max(|theta_i|,
-    |theta_1|)`` (theta_1: the most wanted Ritz value) and the projected problem in float64.
+    Thick-restart Lanczos (Wu & Simon) with full reorthogonalisation (classical Gram-Schmidt
+    against the whole basis, as GEMVs/GEMMs on the vectors' device), locking of converged
+    pairs, convergence test ``|beta_m s_mi| <= tol * max(|theta_i|, |theta_1|)`` (theta_1:
+    the most wanted Ritz value) and the projected problem in float64. After convergence a
+    probe checks for missed pairs (``verify``).
 
     Args:
         matvec: ``A``: takes ``(dim,)`` (``block_size == 1``) or ``(dim, b)`` and returns the
-            same shape. Its argument is a view of the Lanczos basis: read it, never modify it
-            in place or keep it. Exceptions it raises reach the caller unchanged.
+            same shape (``(dim, 1)`` is accepted for a vector), a floating-point tensor on the
+            basis device. Its argument is a view of the Lanczos basis: read it, never modify
+            it in place or keep it. Exceptions it raises reach the caller unchanged.
         dim: order of ``A``.
         k: number of eigenpairs, ``1 <= k <= dim``.
         which: "LA" (largest algebraic), "SA" (smallest algebraic), "LM" (largest magnitude).
-        tol: relative residual tolerance.
-        ncv: basis size (default :func:`default_ncv`: ``max(2k + 1, 20)``, at most dim).
-        max_matvecs: budget of single-vector products (default ``max(1000, 50 * ncv)``).
-        v0: ``(dim,)`` or ``(dim, c)`` start vector(s), ``c <= block_size``; random otherwise.
-        seed: seed of the random start (and of the driver's random vectors); ``None`` draws
-            one from torch's global generator.
+        tol: relative residual tolerance, ``0 < tol < 1``.
+        ncv: basis size, ``k + block_size <= ncv <= dim`` (default :func:`default_ncv`:
+            ``max(2k + 1, 20)``, at most dim).
+        max_matvecs: budget of single-vector products, at least ``block_size`` (default
+            ``max(1000, 50 * ncv)``).
+        v0: ``(dim,)`` or ``(dim, c)`` start vector(s), ``c <= block_size``, finite, no zero
+            column; random otherwise (the other columns of the start block are random).
+        seed: seed (a non-negative int) of the random start and of the driver's random
+            vectors; ``None`` draws one from torch's global generator.
         dtype: basis dtype, float32 or float64.
         device: basis device (default: v0's device, else CPU).
-        block_size: vectors per ``matvec`` call; > 1 runs block Lanczos with ``(dim, b)``
-            blocks.
+        block_size: vectors per ``matvec`` call, ``1 <= block_size <= dim``; > 1 runs block
+            Lanczos with ``(dim, b)`` blocks.
         quiet: no progress bar when True.
         store_products: keep ``A V`` (twice the basis memory) so that the final residuals need
             no extra ``matvec`` calls; when False they cost ``k`` products (counted).
         reorth: "twice": two classical Gram-Schmidt passes against the whole basis for every
-            new vector; "selective" (default): the second pass only when the first cancels,
-            ``|w'| < eta |w|`` (Daniel-Gragg-Kaufman-Stewart criterion, eta = 1e-3 for a
-            float64 basis, 1/sqrt(2) for float32), which keeps the basis orthogonal to about
-            ``eps / eta`` at half the memory traffic.
-
-    Note:
-        One start vector reaches a single direction of each eigenspace, so an exactly
-        repeated eigenvalue may be found fewer times than its multiplicity (as with ARPACK);
-        use ``block_size`` >= the multiplicity when repeats are expected.
+            new vector; "selective" (default): first the local recurrence terms, then one
+            full pass, and a second one only when it cancels, ``|w'| < |w| / sqrt(2)``
+            (Daniel-Gragg-Kaufman-Stewart criterion).
+        verify: after the k pairs converged, lock them and run a probe: a fresh Krylov space
+            from a random vector orthogonal to them. A single start vector reaches one
+            direction of each eigenspace, so further copies of a repeated eigenvalue (and any
+            wanted pair the first space missed) appear there as Ritz values more wanted than
+            the k-th; they are converged and locked and the probe repeats. A probe ends when
+            its most wanted Ritz pair settles below the k-th value (relative residual
+            ``sqrt(tol)``, at most 1e-2) or after as many products as the main phase. Found
+            this way, a repeated eigenvalue is returned to its multiplicity (among the k) as
+            by ARPACK's eigsh. The probe costs products (``num_matvecs - main_matvecs``);
+            False skips it.
 
     Returns:
         :class:`LanczosResult`. Pairs not converged within ``max_matvecs`` are returned with
-        ``converged`` False, and a ``RuntimeWarning`` says so.
+        ``converged`` False, and a ``RuntimeWarning`` says so; a ``RuntimeWarning`` also says
+        when the check for missed pairs could not run or was cut short.
 
     Raises:
-        TypeError: ``matvec`` not callable, bad dtype, or a ``matvec`` result that is not a
-            tensor.
-        ValueError: bad sizes or settings, or a ``matvec`` result of the wrong shape.
+        TypeError: ``matvec`` not callable, an argument of the wrong type (e.g. a str seed), a
+            bad dtype, or a ``matvec`` result that is not a floating-point tensor on the
+            basis device.
+        ValueError: bad sizes or settings, or a ``matvec`` result of the wrong shape or with
+            NaN/inf values.
     """
     t0 = time.perf_counter()
-    fn = "hbk.lanczos"
     if not callable(matvec):
-        raise TypeError(f"{fn}: expected matvec to be callable, got {type(matvec).__name__}")
-    dim = _check_int("dim", dim, 1)
-    k = _check_int("k", k, 1, dim)
-    if which not in _WHICH:
-        raise ValueError(f"{fn}: expected which to be one of {_WHICH}, got {which!r}")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (tol > 0 and math.isfinite(tol)):
-        raise ValueError(f"{fn}: expected tol > 0, got {tol!r}")
-    if dtype not in _FLOATS:
-        raise TypeError(f"{fn}: expected dtype float32 or float64, got {dtype}")
-    block_size = _check_int("block_size", block_size, 1, dim)
+        fail(_FN, "matvec to be callable", matvec, TypeError)
+    dim = check_int(_FN, "dim", dim, 1)
+    k = check_int(_FN, "k", k, 1, dim)
+    check_choice(_FN, "which", which, _WHICH)
+    tol = check_float(_FN, "tol", tol, 0.0, 1.0, lo_open=True, hi_open=True)
+    if not isinstance(dtype, torch.dtype) or dtype not in _FLOATS:
+        fail(_FN, "dtype float32 or float64", dtype, TypeError, raw=True)
+    block_size = check_int(_FN, "block_size", block_size, 1, dim)
     if ncv is None:
         ncv = default_ncv(dim, k, block_size)
     else:
-        ncv = _check_int("ncv", ncv, 1, dim)
+        ncv = check_int(_FN, "ncv", ncv, 1, dim)
         if ncv != dim and ncv < k + block_size:
-            raise ValueError(
-                f"{fn}: expected k + block_size <= ncv <= dim (or ncv = dim), got ncv = {ncv} "
-                f"(k = {k}, block_size = {block_size}, dim = {dim})"
-            )
-    if reorth not in ("selective", "twice"):
-        raise ValueError(f"{fn}: expected reorth to be 'selective' or 'twice', got {reorth!r}")
-    if max_matvecs is None:
-        max_matvecs = max(1000, 50 * ncv)
-    max_matvecs = _check_int("max_matvecs", max_matvecs, block_size)
-    if device is None:
-        device = v0.device if isinstance(v0, torch.Tensor) else torch.device("cpu")
-    device = torch.device(device)
-    start, seed = _start_block(dim, block_size, v0, seed, dtype, device)
+            fail(_FN, f"k + block_size <= ncv <= dim (or ncv = dim), got ncv = {ncv} (k = {k}, "
+                 f"block_size = {block_size}, dim = {dim})", "", raw=True)
+    check_choice(_FN, "reorth", reorth, ("selective", "twice"))
+    max_matvecs = (max(1000, 50 * ncv) if max_matvecs is None
+                   else check_int(_FN, "max_matvecs", max_matvecs, block_size))
+    seed = check_seed(_FN, "seed", seed)
+    for name, flag in (("quiet", quiet), ("store_products", store_products), ("verify", verify)):
+        check_bool(_FN, name, flag)
+    device = _check_device(device, v0)
+    v = None if v0 is None else _check_v0(v0, dim, block_size)
+    start, seed = _start_block(dim, block_size, v, seed, dtype, device)
 
     bar = None
     progress = None
     if not quiet:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=max_matvecs, desc=fn, unit="mv", leave=False)
+        bar = tqdm(total=max_matvecs, desc=_FN, unit="mv", leave=False, mininterval=0.5)
 
         def progress(num_matvecs: int, num_converged: int, num_restarts: int) -> None:
-            bar.update(num_matvecs - bar.n)
-            bar.set_postfix_str(f"locked {num_converged}/{k}, restarts {num_restarts}", refresh=False)
+            bar.n = num_matvecs  # tqdm redraws at most every mininterval
+            bar.set_postfix_str(f"locked {num_converged}/{k}, restarts {num_restarts}",
+                                refresh=False)
+            bar.update(0)
 
+    t_py = time.perf_counter() - t0
     try:
-        out = _C.lanczos(matvec, start, k, which, float(tol), ncv, max_matvecs, block_size,
-                         bool(store_products), reorth == "twice", seed & (2**64 - 1), progress)
+        out = _C.lanczos(matvec, start, k, which, tol, ncv, max_matvecs, block_size,
+                         store_products, reorth == "twice", seed, verify, progress)
     finally:
         if bar is not None:
             bar.close()
+    t1 = time.perf_counter()
+    status = _VERIFY[int(out["verify_status"])]
     res = LanczosResult(
         eigenvalues=out["eigenvalues"],
         eigenvectors=out["eigenvectors"],
@@ -256,19 +301,37 @@ def lanczos(
         num_restarts=int(out["num_restarts"]),
         reorth_passes=int(out["reorth_passes"]),
         matvec_seconds=float(out["matvec_seconds"]),
-        total_seconds=time.perf_counter() - t0,
+        total_seconds=0.0,
         which=which,
-        tol=float(tol),
+        tol=tol,
         ncv=ncv,
         block_size=block_size,
+        verify_status=status,
+        num_probes=int(out["num_probes"]),
+        probe_found=int(out["probe_found"]),
+        main_matvecs=int(out["main_matvecs"]),
+        profile=dict(out["profile"]),
     )
     nconv = int(res.converged.sum())
     if nconv < k:
         warnings.warn(
-            f"{fn}: only {nconv} of {k} eigenpairs converged to tol={tol:g} "
+            f"{_FN}: only {nconv} of {k} eigenpairs converged to tol={tol:g} "
             f"({res.num_matvecs} matvecs, max_matvecs={max_matvecs}); the others are returned "
             "with converged=False",
             RuntimeWarning,
             stacklevel=2,
         )
+    elif status in ("no_room", "no_budget"):
+        why = (f"ncv={ncv} leaves no room for a probe next to the {k} converged vectors"
+               if status == "no_room" else f"max_matvecs={max_matvecs} was reached during it")
+        warnings.warn(
+            f"{_FN}: the check for missed (e.g. repeated) eigenvalues did not finish: {why}; "
+            "a repeated eigenvalue may be returned fewer times than its multiplicity (raise "
+            "ncv or max_matvecs, or use block_size >= the multiplicity)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    now = time.perf_counter()
+    res.profile["python_seconds"] = t_py + (now - t1)
+    res.total_seconds = now - t0
     return res

@@ -65,7 +65,7 @@ auto run_without_gil(F&& body) -> decltype(body()) {
 py::dict lanczos(const py::object& matvec, const at::Tensor& start, int64_t k,
                  const std::string& which, double tol, int64_t ncv, int64_t max_matvecs,
                  int64_t block_size, bool store_products, bool reorth_twice, uint64_t seed,
-                 const py::object& progress) {
+                 bool verify, const py::object& progress) {
   LanczosOptions opts;
   opts.k = k;
   opts.which = parse_which(which);
@@ -76,6 +76,7 @@ py::dict lanczos(const py::object& matvec, const at::Tensor& start, int64_t k,
   opts.store_products = store_products;
   opts.seed = seed;
   opts.reorth_twice = reorth_twice;
+  opts.verify = verify;
   BlockMatvec op = make_matvec(matvec, "hbk.lanczos");
   LanczosMonitor monitor = make_monitor(progress);
   LanczosOutput out =
@@ -90,6 +91,16 @@ py::dict lanczos(const py::object& matvec, const at::Tensor& start, int64_t k,
   d["reorth_passes"] = out.reorth_passes;
   d["matvec_seconds"] = out.matvec_seconds;
   d["total_seconds"] = out.total_seconds;
+  d["verify_status"] = static_cast<int>(out.verify_status);
+  d["num_probes"] = out.num_probes;
+  d["probe_found"] = out.probe_found;
+  d["main_matvecs"] = out.main_matvecs;
+  py::dict prof;
+  prof["orth_seconds"] = out.orth_seconds;
+  prof["solve_seconds"] = out.solve_seconds;
+  prof["restart_seconds"] = out.restart_seconds;
+  prof["finish_seconds"] = out.finish_seconds;
+  d["profile"] = prof;
   return d;
 }
 
@@ -106,7 +117,8 @@ py::tuple lanczos_tridiagonal_py(const py::object& matvec, const at::Tensor& sta
 void init_lanczos(py::module_& m) {
   m.def("lanczos", &lanczos, py::arg("matvec"), py::arg("start"), py::arg("k"),
         py::arg("which"), py::arg("tol"), py::arg("ncv"), py::arg("max_matvecs"),
-        py::arg("block_size"), py::arg("store_products"), py::arg("reorth_twice"), py::arg("seed"), py::arg("progress"),
+        py::arg("block_size"), py::arg("store_products"), py::arg("reorth_twice"),
+        py::arg("seed"), py::arg("verify"), py::arg("progress"),
         "Thick-restart block Lanczos (C++ driver); use hbkernels.lanczos instead.");
   m.def("lanczos_tridiagonal", &lanczos_tridiagonal_py, py::arg("matvec"), py::arg("start"),
         py::arg("steps"), py::arg("progress"),

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import _thread
-import signal
 import json
+import signal
 import warnings
 
 import pytest
 import torch
 
 import hbkernels as hbk
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,8 +70,8 @@ def test_topk_matches_eigh(name: str, which: str) -> None:
     n, k = 150, 5
     evals = spectra(n)[name]
     A = sym_with_spectrum(evals)
-    block = 3 if name == "degenerate" else 1  # multiplicity 3 needs a block of 3
-    res = hbk.lanczos(lambda v: A @ v, n, k, which=which, tol=1e-8, seed=3, block_size=block)
+    # one start vector: the repeated eigenvalues of "degenerate" are found by the probe
+    res = hbk.lanczos(lambda v: A @ v, n, k, which=which, tol=1e-8, seed=3)
     want = expected(torch.linalg.eigvalsh(A), which, k)
     check_pairs(A, res, want, 1e-8)
     # the ordering convention: LA descending, SA ascending, LM by descending magnitude
@@ -101,18 +100,106 @@ def test_block_lanczos(name: str, block_size: int) -> None:
     assert res.num_matvecs == block_size * len(calls)
 
 
-def test_degenerate_eigenvectors_span_the_eigenspace() -> None:
+@pytest.mark.parametrize("block_size", [1, 3])
+def test_degenerate_eigenvectors_span_the_eigenspace(block_size: int) -> None:
     n = 80
     evals = spectra(n)["degenerate"]
     g = torch.Generator().manual_seed(0)
     Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     A = (Q * evals) @ Q.T
-    # a repeated eigenvalue needs a block at least as wide as its multiplicity: one start
-    # vector only reaches one direction of the eigenspace (rounding aside)
-    res = hbk.lanczos(lambda v: A @ v, n, 3, tol=1e-10, seed=1, block_size=3)
+    # one start vector only reaches one direction of the eigenspace (rounding aside): with
+    # block_size 1 the other two come from the probes after convergence
+    res = hbk.lanczos(lambda v: A @ v, n, 3, tol=1e-10, seed=1, block_size=block_size)
     # the top eigenspace is spanned by Q[:, :3]: the projector onto it keeps every vector
     P = Q[:, :3] @ Q[:, :3].T
     torch.testing.assert_close(P @ res.eigenvectors, res.eigenvectors, atol=1e-7, rtol=0)
+
+
+def with_bulk(head: list[float], n: int, seed: int = 1) -> torch.Tensor:
+    """Eigenvalues: ``head`` followed by a uniform bulk in [0, 1]."""
+    rest = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.cat([torch.tensor(head, dtype=torch.float64), rest[len(head):]])
+
+
+# Repeated eigenvalues with one start vector. In exact arithmetic a single Krylov space holds
+# one direction of each eigenspace; before the probe, these cases returned e.g. [4, 3] for
+# [4, 4, 3, ...] with k = 2 (every pair flagged converged) in 15 to 20 of 30 settings.
+REPEATED = {
+    "top2": [4, 4, 3, 2.5, 2],
+    "top3": [4, 4, 4, 3, 2.5, 2],
+    "mid2": [5, 4, 4, 3, 2.5, 2],          # a pair inside the wanted set
+    "mid3": [5, 4.5, 4, 4, 4, 3, 2.5],     # a triple inside the wanted set
+    "two_repeats": [4, 4, 4, 3, 3, 2.5],   # multiplicities 3 and 2
+}
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+@pytest.mark.parametrize("name", sorted(REPEATED))
+def test_repeated_eigenvalues_found_to_their_multiplicity(name: str, which: str) -> None:
+    n = 80
+    head = REPEATED[name]
+    for seed, k in enumerate([len(head) - 3, len(head) - 1, len(head) + 1]):
+        evals = with_bulk(head, n)
+        if which == "SA":
+            evals = -evals
+        elif which == "LM":  # the repeated values negative, the bulk [0, 1] positive
+            evals[: len(head)] *= -1.0
+        A = sym_with_spectrum(evals, seed=seed)
+        res = hbk.lanczos(A.__matmul__, n, k, which=which, tol=1e-8, seed=seed)
+        check_pairs(A, res, expected(torch.linalg.eigvalsh(A), which, k), 1e-8)
+        assert res.verify_status == "checked"
+        # a repeated eigenvalue's eigenvectors span its eigenspace within the wanted set
+        top = float(evals[0])
+        mult = sum(1 for h in head[:k] if h == head[0])
+        assert int(((res.eigenvalues - top).abs() < 1e-6).sum()) == min(mult, k)
+
+
+def test_repeated_eigenvalues_match_eigsh() -> None:
+    sla = pytest.importorskip("scipy.sparse.linalg")
+    np = pytest.importorskip("numpy")
+    n, k = 120, 4
+    A = sym_with_spectrum(with_bulk([4, 4, 4, 3, 2.5], n), seed=2)
+    res = hbk.lanczos(lambda v: A @ v, n, k, tol=1e-10, seed=0)
+    w = sla.eigsh(A.numpy(), k=k, which="LA", tol=1e-10, v0=np.ones(n), return_eigenvectors=False)
+    truth = torch.linalg.eigvalsh(A).flip(0)[:k]
+    torch.testing.assert_close(res.eigenvalues, truth, atol=1e-8, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(np.sort(w)[::-1].copy()), truth, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("which", ["LA", "LM"])
+@pytest.mark.parametrize("k", [3, 5, 8])
+def test_well_separated_spectra_pay_little_for_the_check(k: int, which: str) -> None:
+    n = 300
+    A = sym_with_spectrum(spectra(n)["separated"])
+    on = hbk.lanczos(lambda v: A @ v, n, k, which=which, tol=1e-8, seed=0)
+    off = hbk.lanczos(lambda v: A @ v, n, k, which=which, tol=1e-8, seed=0, verify=False)
+    assert off.verify_status == "off" and on.verify_status == "checked"
+    assert on.num_probes == 1 and on.probe_found == 0
+    # the probe is the only difference: same main phase, a few products more
+    assert on.main_matvecs == off.num_matvecs
+    assert on.num_matvecs - off.num_matvecs <= 10
+    torch.testing.assert_close(on.eigenvalues, off.eigenvalues, atol=1e-10, rtol=0)
+
+
+def test_no_room_for_the_check_warns() -> None:
+    n = 60
+    A = sym_with_spectrum(with_bulk([4, 4, 3, 2.5], n))
+    with pytest.warns(RuntimeWarning, match="check for missed .* did not finish: ncv=4"):
+        res = hbk.lanczos(lambda v: A @ v, n, 3, ncv=4, seed=0, tol=1e-8, max_matvecs=5000)
+    assert res.verify_status == "no_room" and res.all_converged
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = hbk.lanczos(lambda v: A @ v, n, 3, ncv=4, seed=0, tol=1e-8, max_matvecs=5000,
+                          verify=False)
+    assert res.verify_status == "off"
+
+
+def test_full_basis_needs_no_check() -> None:
+    n = 30
+    A = sym_with_spectrum(with_bulk([4, 4, 4, 3], n))
+    res = hbk.lanczos(lambda v: A @ v, n, 29, seed=0, tol=1e-10)
+    check_pairs(A, res, torch.linalg.eigvalsh(A).flip(0)[:29], 1e-10)
+    assert res.verify_status in ("checked", "complete")
 
 
 @pytest.mark.parametrize("k", [1, 38, 40])
@@ -235,34 +322,90 @@ def test_bad_matvec_results() -> None:
         hbk.lanczos(lambda v: v[:, :1], n, 2, block_size=2)
     with pytest.raises(ValueError, match="hbk.lanczos: expected matvec to return finite values, got NaN"):
         hbk.lanczos(lambda v: v * float("nan"), n, 2)
+    with pytest.raises(ValueError, match="expected matvec to return finite values"):
+        hbk.lanczos(lambda v: v * float("inf"), n, 2)
+    with pytest.raises(TypeError, match="expected matvec to return a floating-point tensor, got Long"):
+        hbk.lanczos(lambda v: torch.ones(n, dtype=torch.int64), n, 2)
+    with pytest.raises(TypeError, match="expected matvec to return a tensor on the basis device cpu"):
+        hbk.lanczos(lambda v: torch.empty(n, device="meta"), n, 2)
+    with pytest.raises(TypeError, match="expected matvec to return a torch.Tensor, got NoneType"):
+        hbk.lanczos(lambda v: None, n, 2)
+    # a finite first product and a NaN later one: still refused
+    count = [0]
+
+    def late_nan(v):
+        count[0] += 1
+        return v * (float("nan") if count[0] == 7 else 2.0)
+
+    with pytest.raises(ValueError, match="finite values"):
+        hbk.lanczos(late_nan, n, 2, seed=0, tol=1e-12)
 
 
 @pytest.mark.parametrize(
     "kwargs, exc, msg",
     [
-        ({"k": 0}, ValueError, r"expected k in \[1, 20\], got 0"),
-        ({"k": 21}, ValueError, r"expected k in \[1, 20\], got 21"),
-        ({"which": "BE"}, ValueError, "expected which to be one of"),
-        ({"tol": 0.0}, ValueError, "expected tol > 0"),
-        ({"dtype": torch.int64}, TypeError, "expected dtype float32 or float64"),
-        ({"ncv": 2}, ValueError, "expected k \\+ block_size <= ncv"),
-        ({"block_size": 21}, ValueError, "expected block_size in"),
-        ({"max_matvecs": 0}, ValueError, "expected max_matvecs >= 1"),
-        ({"v0": torch.ones(5)}, ValueError, r"expected v0 of shape \(20,\)"),
-        ({"v0": torch.zeros(20)}, ValueError, "nonzero, finite v0"),
-        ({"k": 2.0}, TypeError, "expected k to be an int"),
+        ({"k": 0}, ValueError, "expected k >= 1, got 0"),
+        ({"k": 21}, ValueError, "expected k <= 20, got 21"),
+        ({"k": 2.0}, TypeError, "expected k to be an int, got 2.0"),
+        ({"k": True}, TypeError, "expected k to be an int, got True"),
+        ({"dim": 0}, ValueError, "expected dim >= 1, got 0"),
+        ({"dim": "20"}, TypeError, "expected dim to be an int, got '20'"),
+        ({"which": "BE"}, ValueError, "expected which to be one of \\('LA', 'SA', 'LM'\\), got 'BE'"),
+        ({"which": 1}, TypeError, "expected which to be one of"),
+        ({"tol": 0.0}, ValueError, "expected tol > 0.0, got 0.0"),
+        ({"tol": -1e-6}, ValueError, "expected tol > 0.0"),
+        ({"tol": float("nan")}, ValueError, "expected tol to be finite, got nan"),
+        ({"tol": float("inf")}, ValueError, "expected tol to be finite"),
+        ({"tol": 1.0}, ValueError, "expected tol < 1.0, got 1.0"),
+        ({"tol": "1e-6"}, TypeError, "expected tol to be a real number, got '1e-6'"),
+        ({"dtype": torch.int64}, TypeError, "expected dtype float32 or float64, got torch.int64"),
+        ({"dtype": "float64"}, TypeError, "expected dtype float32 or float64"),
+        ({"ncv": 2}, ValueError, "expected k \\+ block_size <= ncv <= dim"),
+        ({"ncv": 21}, ValueError, "expected ncv <= 20, got 21"),
+        ({"ncv": 3.0}, TypeError, "expected ncv to be an int"),
+        ({"block_size": 0}, ValueError, "expected block_size >= 1, got 0"),
+        ({"block_size": 21}, ValueError, "expected block_size <= 20, got 21"),
+        ({"block_size": "2"}, TypeError, "expected block_size to be an int"),
+        ({"max_matvecs": 0}, ValueError, "expected max_matvecs >= 1, got 0"),
+        ({"max_matvecs": 3, "block_size": 4, "ncv": 10}, ValueError, "expected max_matvecs >= 4"),
+        ({"max_matvecs": 100.0}, TypeError, "expected max_matvecs to be an int"),
+        ({"seed": "abc"}, TypeError, "hbk.lanczos: expected seed to be an int, got 'abc'"),
+        ({"seed": -1}, ValueError, "expected seed >= 0, got -1"),
+        ({"seed": 2**64}, ValueError, "expected seed <= "),
+        ({"seed": 1.5}, TypeError, "expected seed to be an int"),
+        ({"v0": torch.ones(5)}, ValueError, r"expected v0 of shape \(20,\) or \(20, c\)"),
+        ({"v0": torch.ones(20, 2)}, ValueError, "with 1 <= c <= block_size = 1"),
+        ({"v0": torch.ones(20, 1, 1)}, ValueError, "expected v0 to be 1-D or 2-D"),
+        ({"v0": torch.zeros(20)}, ValueError, "expected a nonzero v0"),
+        ({"v0": torch.full((20,), float("nan"))}, ValueError, "expected a finite v0, got NaN or inf"),
+        ({"v0": torch.ones(20, dtype=torch.int64)}, TypeError, "expected v0 to be a floating-point tensor"),
+        ({"v0": [1.0] * 20}, TypeError, "expected v0 to be a torch.Tensor, got list"),
+        ({"device": "nope"}, ValueError, "expected device to be a valid device name"),
+        ({"device": 3}, TypeError, "expected device to be None, a str or a torch.device"),
+        ({"quiet": "no"}, TypeError, "expected quiet to be True or False, got 'no'"),
+        ({"store_products": 1}, TypeError, "expected store_products to be True or False"),
+        ({"verify": "yes"}, TypeError, "expected verify to be True or False"),
+        ({"reorth": "once"}, ValueError, "expected reorth to be one of"),
     ],
 )
 def test_input_validation(kwargs, exc, msg) -> None:
     A = torch.eye(20, dtype=torch.float64)
-    args = {"k": 2}
+    args = {"k": 2, "dim": 20}
     args.update(kwargs)
-    with pytest.raises(exc, match=msg):
-        hbk.lanczos(lambda v: A @ v, 20, **args)
+    calls = [0]
+
+    def mv(v):
+        calls[0] += 1
+        return A @ v
+
+    with pytest.raises(exc, match=msg) as info:
+        hbk.lanczos(mv, **args)
+    assert str(info.value).startswith("hbk.lanczos: expected ")
+    assert calls[0] == 0  # refused before any work
 
 
 def test_matvec_not_callable() -> None:
-    with pytest.raises(TypeError, match="hbk.lanczos: expected matvec to be callable, got Tensor"):
+    with pytest.raises(TypeError, match="hbk.lanczos: expected matvec to be callable, got a tensor"):
         hbk.lanczos(torch.eye(3), 3, 1)
 
 
@@ -278,9 +421,12 @@ def test_result_json(tmp_path) -> None:
     d = res.to_dict()
     assert json.loads(json.dumps(d)) == d
     assert len(d["eigenvectors"]) == n and len(d["eigenvectors"][0]) == 2
+    assert d["verify_status"] == "checked" and d["profile"]["orth_seconds"] >= 0
     path = res.save(tmp_path / "r.json", include_vectors=False)
-    loaded = json.loads(path.read_text())
-    assert loaded["num_matvecs"] == res.num_matvecs and "eigenvectors" not in loaded
+    loaded = hbk.LanczosResult.load(path)
+    assert loaded.num_matvecs == res.num_matvecs and loaded.eigenvectors.shape == (n, 0)
+    assert loaded.verify_status == res.verify_status and loaded.main_matvecs == res.main_matvecs
+    torch.testing.assert_close(loaded.eigenvalues, res.eigenvalues, rtol=0, atol=0)
     assert 0.0 <= res.overhead_fraction <= 1.0
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -32,6 +32,16 @@ using LanczosMonitor = std::function<void(const LanczosProgress&)>;
 enum class Which { LA, SA, LM };
 Which parse_which(const std::string& which);  // "LA" | "SA" | "LM", ValueError otherwise
 
+/// What became of the check for missed eigenvalues after convergence (LanczosOptions::verify).
+enum class VerifyStatus : int {
+  kNotConverged = 0,  // the wanted pairs did not all converge: nothing to check
+  kChecked = 1,       // a probe found no further pair more wanted than the k-th
+  kComplete = 2,      // the basis spans the whole space: the pairs are exact
+  kOff = 3,           // verify == false
+  kNoRoom = 4,        // ncv leaves no room next to the locked vectors for a probe
+  kNoBudget = 5,      // max_matvecs was reached before the check was over
+};
+
 struct LanczosOptions {
   int64_t k = 1;             // wanted pairs, 1 <= k <= dim
   Which which = Which::LA;
@@ -46,6 +56,14 @@ struct LanczosOptions {
   // Ritz vectors after a restart), then one full pass, and a second one only when the full
   // pass cancels, |w'| < |w| / sqrt(2) (DGKS criterion).
   bool reorth_twice = false;
+  // After all wanted pairs converged, lock them and probe the deflated operator from a fresh
+  // random block (orthogonal to the locked vectors) for pairs more wanted than the k-th:
+  // further copies of repeated eigenvalues, which one start vector cannot reach in exact
+  // arithmetic, or any pair the first Krylov space missed. Found pairs are converged and
+  // locked, and the probe repeats; it ends when its most wanted Ritz pair settles
+  // (relative residual sqrt(tol), at most 1e-2) below the k-th value, or after as many
+  // products as the main phase needed.
+  bool verify = true;
 };
 
 struct LanczosOutput {
@@ -58,6 +76,14 @@ struct LanczosOutput {
   int64_t reorth_passes = 0;  // Gram-Schmidt passes against the basis (one or two per call)
   double matvec_seconds = 0;  // time inside the operator
   double total_seconds = 0;
+  VerifyStatus verify_status = VerifyStatus::kNotConverged;
+  int64_t num_probes = 0;     // probes started (see LanczosOptions::verify)
+  int64_t probe_found = 0;    // probes that found a missed pair
+  int64_t main_matvecs = 0;   // products until the wanted pairs first converged (all if never)
+  // Profile of the time outside the operator (seconds): Gram-Schmidt and copies of each
+  // call, projected eigensolves, restarts and probe starts, and the final Ritz vectors and
+  // residuals.
+  double orth_seconds = 0, solve_seconds = 0, restart_seconds = 0, finish_seconds = 0;
 };
 
 /// Thick-restart block Lanczos with locking and full reorthogonalisation.
