@@ -21,7 +21,7 @@ BUILD_LOCK ?= flock build.lock
 # Sources whose change needs a rebuild of the extension.
 EXT_SOURCES := CMakeLists.txt pyproject.toml $(wildcard csrc/*.cpp csrc/hbk/*.h python/*.cpp cmake/*)
 
-.PHONY: setup install test test-fast demo bench wheel clean FORCE
+.PHONY: setup install test test-fast demo bench bench-smoke wheel clean FORCE
 
 setup: $(VENV)/.deps-stamp
 install: $(VENV)/.install-stamp
@@ -53,10 +53,14 @@ test-fast: install
 demo: install
 	$(VENV)/bin/hbk demo --out results/demo
 
+# The benchmark suite (bench/RESULTS.md): installs the anchors (pyproject extra `bench`, torch
+# pinned), then every task; bench-smoke runs the same code at tiny sizes (also in `make test`).
 bench: install
-	$(PY) bench/bench_kernels.py
-	$(PY) bench/bench_lanczos.py
-	$(PY) bench/bench_alignment.py
+	$(PY) bench/install_anchors.py -c $(CONSTRAINTS)
+	$(PY) bench/run.py
+
+bench-smoke: install
+	$(PY) bench/run.py --smoke
 
 # A manylinux wheel in wheelhouse/: pip wheel, then auditwheel repair with torch's libraries
 # excluded (tools/build_wheel.py). It pins the torch it was built against.
