@@ -9,6 +9,7 @@ build runs without isolation, so the torch imported here is the one the extensio
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,9 @@ def torch_requirement(torch_version: str) -> str:
 
 def _running_torch() -> tuple[str, str | None]:
     try:
-        import torch
+        with warnings.catch_warnings():  # "Failed to initialize NumPy": numpy comes later
+            warnings.simplefilter("ignore")
+            import torch
     except ImportError as exc:
         raise RuntimeError(
             "hbkernels: torch is not importable in the build environment. Install torch "
