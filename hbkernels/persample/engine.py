@@ -39,6 +39,9 @@ from .planning import Work, block_size, choose_forms
 
 __all__ = ["Engine", "Factors", "Layout"]
 
+# Blocks whose output-gradient peaks all lie in [2^-_NO_SCALE, 2^_NO_SCALE] are not scaled.
+_NO_SCALE = 16
+
 
 @dataclass
 class Factors:
@@ -289,18 +292,25 @@ class Engine:
         ``s_i = 2^-e_i`` with ``peak_i = m 2^e_i``, ``m`` in [0.5, 1), so the scaled peaks lie in
         [0.5, 1); ``e_i`` is clipped to keep ``s_i`` a normal number of the dtype. Zero and
         non-finite peaks keep ``s_i = 1`` (zeros stay zero, NaN stays NaN)."""
-        peak = torch.zeros(nb, dtype=self.dtype, device=self.device)
+        peak = None
         for t in [*D, *fb]:
             if t.numel():
-                peak = torch.maximum(peak, t.reshape(nb, -1).abs().amax(1))
+                r = t.reshape(nb, -1)
+                m = torch.maximum(r.amax(1), r.amin(1).neg_())  # max |t| without an |t| copy
+                peak = m if peak is None else torch.maximum(peak, m)
+        ones = torch.ones(nb, dtype=torch.float64, device=self.device)
+        if peak is None:
+            return ones
+        lo, hi = torch.aminmax(torch.where(peak > 0, peak, 1.0))  # zero rows need no scale
+        if float(lo) >= 2.0**-_NO_SCALE and float(hi) <= 2.0**_NO_SCALE:
+            return ones  # peaks near 1: unscaled products are safe (and bitwise as before)
         _, e = torch.frexp(peak)
         lim = 126 if self.dtype == torch.float32 else 1022  # s stays a normal number
         e = torch.where(torch.isfinite(peak) & (peak > 0), e.clamp(-lim, lim), 0)
-        if bool((e != 0).any()):
-            s = torch.ldexp(torch.ones(nb, dtype=self.dtype, device=self.device), -e)
-            for lst in (D, fb):
-                for j, t in enumerate(lst):
-                    lst[j] = t * s.view(nb, *([1] * (t.dim() - 1)))
+        s = torch.ldexp(torch.ones(nb, dtype=self.dtype, device=self.device), -e)
+        for lst in (D, fb):
+            for j, t in enumerate(lst):
+                lst[j] = t * s.view(nb, *([1] * (t.dim() - 1)))
         return torch.ldexp(torch.ones(nb, dtype=torch.float64, device=self.device),
                            -e.to(torch.int64))
 
