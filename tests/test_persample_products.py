@@ -157,3 +157,17 @@ def test_products_errors():
     with pytest.raises(ValueError, match="integer class labels"):
         hbk.per_sample_products(model, X, class_gram=True, labels=torch.rand(4, 3).double(),
                                 loss="mse")
+
+
+def test_products_result_saves_and_loads(tmp_path):
+    torch.manual_seed(3)
+    model = mlp(widths=(5,), act=nn.Tanh).double()
+    X = torch.randn(6, 2, dtype=torch.float64)
+    V = torch.randn(hbk.num_params(model), 2, dtype=torch.float64)
+    P = hbk.per_sample_products(model, X, norms=True, vectors=V, class_gram=True)
+    Q = hbk.PerSampleProducts.load(P.save(tmp_path / "p.json"))
+    assert torch.equal(Q.norms, P.norms) and torch.equal(Q.alignment["vectors"],
+                                                         P.alignment["vectors"])
+    assert Q.class_gram.keys() == P.class_gram.keys() and Q.gram is None
+    for c in P.class_gram:
+        assert torch.equal(Q.class_gram[c], P.class_gram[c])

@@ -288,7 +288,7 @@ def _class_grams(fn: str, eng: Engine, r, labels: torch.Tensor):
             st: Store = r.store.select(idx)
             K = gram_of(eng, st.A, st.D, st.dense, idx.numel())
             grams[c] = unscale_gram_(K, st.scale, st.scale)
-        else:  # the factors did not fit: one pass per class over its samples
+        else:  # the factors did not fit the budget: one more pass for the full Gram
             grams[c] = None
         index[int(c)] = idx
     missing = [c for c, K in grams.items() if K is None]

@@ -139,11 +139,6 @@ def fisher_eigs(model: nn.Module, loss: Any, data: Any, k: int, which: str = "LA
     op = EmpiricalFisherOperator(model, loss, data, **(options or {}))
     lanczos_kwargs.setdefault("device", op.device)
     res = lanczos(op.matvec, op.dim, k, which=which, tol=tol, **lanczos_kwargs)
-    extra = dict(getattr(res, "extra", None) or {})
-    extra.update(operator="empirical_fisher", reduction=op.reduction,
-                 num_samples=op.num_samples)
-    try:
-        res.extra = extra
-    except AttributeError:  # pragma: no cover - a result without extra
-        pass
+    res.extra.update(operator="empirical_fisher", reduction=op.reduction,
+                     num_samples=op.num_samples)
     return res

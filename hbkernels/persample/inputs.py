@@ -70,7 +70,6 @@ class SampleInputs:
         tensors = [(name, t) for name, t in named if isinstance(t, torch.Tensor)]
         if not tensors:
             fail(fn, "inputs with at least one tensor", describe(inputs), TypeError, raw=True)
-        self.is_sample = [isinstance(t, torch.Tensor) for _, t in named]
         first_name, first = tensors[0]
         if first.dim() < 1 or first.shape[0] < 1:
             fail(fn, f"{first_name} of shape (n, ...) with n >= 1", f"{tuple(first.shape)}",

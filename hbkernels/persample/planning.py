@@ -20,7 +20,7 @@ the separate calls would pick when they agree.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .capture import Pair
 
@@ -36,7 +36,7 @@ class Work:
         k: total number of vectors over all vector sets (0: none).
         gram: the ``(n, n)`` Gram (or per-class Grams).
         rows: the full per-sample gradient rows (``per_sample_grads``): everything dense.
-        gtu: products ``G^T U`` (covariance eigenvectors, the empirical Fisher).
+        gtu: columns of products ``G V`` and ``G^T U`` (the empirical Fisher).
     """
 
     norms: bool = False
@@ -44,8 +44,7 @@ class Work:
     gram: bool = False
     rows: bool = False
     gtu: int = 0
-    n: int = 1
-    extra: dict = field(default_factory=dict)
+    n: int = 1  # samples (set by the engine)
 
 
 def _costs(q: Pair, w: Work) -> tuple[float, float]:
@@ -58,7 +57,6 @@ def _costs(q: Pair, w: Work) -> tuple[float, float]:
     if w.k:
         if T == 1:
             ghost += min(q.d_in, q.d_out) * w.k
-            use += 0.0
         else:
             ghost += T * pw * w.k + T * T * d
             use += pw * w.k
