@@ -23,7 +23,7 @@ import torch
 
 from .fileio import DamagedFileWarning, atomic_write_text, check_writable, load_torch, read_json
 
-__all__ = ["main", "build_parser", "load_any_model"]
+__all__ = ["build_parser", "load_any_model", "main"]
 
 
 class CliError(ValueError):
@@ -290,9 +290,10 @@ def _cmd_train(args) -> int:
                            f"{args.setup}")
         ds = D.load_dataset(args.dataset, random_labels=args.setup == "random-label")
         cfg = T.reference_config(args.dataset, args.setup, seed=args.seed, quiet=args.quiet)
-        cfg = replace(cfg, **{k: v for k, v in dict(
-            epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
-            loss=args.loss, checkpoint_every=args.checkpoint_every or None).items() if v is not None})
+        over = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+                "optimizer": args.optimizer, "loss": args.loss,
+                "checkpoint_every": args.checkpoint_every or None}
+        cfg = replace(cfg, **{k: v for k, v in over.items() if v is not None})
         log_softmax = cfg.loss == "nll"
         if args.arch is None:
             model = MD.default_model_for(ds, args.width, seed=args.seed, log_softmax=log_softmax)
@@ -595,8 +596,7 @@ def _one_line(err: BaseException) -> str:
     if isinstance(err, KeyError):
         msg = f"missing key {msg}"
     msg = " ".join(msg.split()) or type(err).__name__
-    if msg.startswith("hbk: "):
-        msg = msg[5:]
+    msg = msg.removeprefix("hbk: ")
     if not msg.startswith("hbk"):
         msg = f"{type(err).__name__}: {msg}"
     return msg
@@ -605,7 +605,7 @@ def _one_line(err: BaseException) -> str:
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     text = " ".join(str(message).split())
     if issubclass(category, DamagedFileWarning):
-        print(f"hbk: warning: {text[5:] if text.startswith('hbk: ') else text}",
+        print(f"hbk: warning: {text.removeprefix('hbk: ')}",
               file=sys.stderr, flush=True)
     else:
         print(warnings.formatwarning(message, category, filename, lineno, line).rstrip(),

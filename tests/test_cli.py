@@ -140,7 +140,8 @@ def _one_error_line(capsys, *words: str) -> str:
 @pytest.mark.parametrize("argv, words", [
     (["train", "--batch-size", "0"], "argument --batch-size: expected 'full' or an integer >= 1"),
     (["train", "--batch-size", "x"], "argument --batch-size"),
-    (["train", "--checkpoint-every", "-5"], "argument --checkpoint-every: expected an integer >= 0"),
+    (["train", "--checkpoint-every", "-5"],
+     "argument --checkpoint-every: expected an integer >= 0"),
     (["train", "--lr", "inf"], "argument --lr: expected a finite positive number"),
     (["train", "--lr", "nan"], "argument --lr"),
     (["train", "--lr", "-1"], "argument --lr"),
@@ -284,3 +285,35 @@ def test_analyze_reports_corrupt_and_foreign_files(tmp_path, capsys):
     _one_error_line(capsys, "expected a model with 2 outputs for circle")
     assert cli.main(["analyze", str(tr5), "--dataset", "iris", *an]) == 1
     _one_error_line(capsys, "expected a model that takes iris inputs of shape (4,)")
+
+
+def test_disk_full_and_damaged_cache_are_reported(tmp_path, capsys, monkeypatch):
+    import stat
+
+    from hbkernels import fileio
+
+    cache, out = tmp_path / "cache", tmp_path / "t"
+    argv = ["train", "--epochs", "3", "--width", "4", "--cache", str(cache), "--out", str(out),
+            "--quiet"]
+    assert cli.main(argv) == 0
+    entry = next(p for p in cache.iterdir() if not p.name.startswith("."))
+    (entry / "model.pt").write_bytes(b"garbage")
+    assert cli.main(argv) == 0  # retrained, with one warning line naming the file
+    err = _err(capsys).splitlines()
+    assert len(err) == 1 and err[0].startswith("hbk: warning: the cached model ")
+    assert str(entry / "model.pt") in err[0]
+    assert cli.main(argv) == 0 and _err(capsys) == ""  # the entry was rewritten
+
+    real = os.fsync
+
+    def full(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(28, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(fileio.os, "fsync", full)
+    assert cli.main(["train", "--epochs", "3", "--width", "4", "--out", str(tmp_path / "full"),
+                     "--quiet"]) == 1
+    _one_error_line(capsys, "the disk is full", str(tmp_path / "full"))
+    monkeypatch.undo()
+    assert not [p for p in (tmp_path / "full").iterdir() if not p.name.startswith(".hbk")]

@@ -95,7 +95,8 @@ def test_check_writable(tmp_path, monkeypatch):
     assert check_writable("hbk x", tmp_path / "new" / "dir").is_dir()
     f = tmp_path / "file"
     f.write_text("")
-    with pytest.raises(NotADirectoryError, match=r"hbk x: expected a writable directory, got .*file"):
+    with pytest.raises(NotADirectoryError,
+                       match=r"hbk x: expected a writable directory, got .*file"):
         check_writable("hbk x", f)
     with pytest.raises(OSError, match="hbk x: expected a writable location"):
         check_writable("hbk x", f / "below")
@@ -112,7 +113,8 @@ def test_check_writable(tmp_path, monkeypatch):
 def test_read_json_names_damaged_files(tmp_path):
     p = tmp_path / "r.json"
     p.write_text('{"a": 1')
-    with pytest.raises(CorruptFileError, match=r"hbk.f: expected a JSON file, got a damaged file .*r\.json") as e:
+    with pytest.raises(CorruptFileError,
+                       match=r"hbk.f: expected a JSON file, got a damaged file .*r\.json") as e:
         read_json("hbk.f", p)
     assert e.value.path == str(p)
     p.write_bytes(b"\xff\xfe\x00")

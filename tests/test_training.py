@@ -362,7 +362,8 @@ def test_cache_trains_each_phase_once(tmp_path, monkeypatch):
     assert [e for e, _ in ck.checkpoints] == [0, 5, 10]
     assert train_setup("adversarial", "gauss", seed=0, checkpoint_every=5, **kw).cached
     assert len(calls) == 5
-    dirs = sorted(p.name.split("--")[1] for p in tmp_path.iterdir() if not p.name.startswith("."))
+    dirs = sorted(p.name.split("--")[1] for p in tmp_path.iterdir()
+                  if not p.name.startswith("."))
     assert dirs == ["adversarial", "adversarial", "large-norm", "random-label"]
 
 

@@ -37,9 +37,18 @@ import torch
 from torch import nn
 
 from ..checks import check_choice, check_float, check_int, fail
-from ..fileio import CorruptFileError, DamagedFileWarning, atomic_write_bytes, \
-    atomic_write_text, check_writable, load_torch, read_json, sha256_bytes, sha256_file, \
-    store_lock
+from ..fileio import (
+    CorruptFileError,
+    DamagedFileWarning,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_writable,
+    load_torch,
+    read_json,
+    sha256_bytes,
+    sha256_file,
+    store_lock,
+)
 from . import measures as M
 from . import plots as P
 from .datasets import Dataset, check_dataset_name, load_dataset
@@ -47,21 +56,21 @@ from .margin import estimate_margin
 from .training import TrainResult, reference_config, train_setups
 
 __all__ = [
+    "DEMO_SETTINGS",
     "PAPER_TABLE1",
     "PAPER_TABLE2",
     "TABLE1_DATASETS",
     "TABLE2_DATASETS",
-    "Settings",
-    "DEMO_SETTINGS",
-    "phase_epochs",
     "RunStore",
+    "Settings",
+    "demo",
+    "figures",
+    "ordering_checks",
+    "phase_epochs",
     "run_grid",
     "summarize",
-    "ordering_checks",
-    "demo",
     "table1",
     "table2",
-    "figures",
 ]
 
 TABLE1_DATASETS = ("gauss", "circle", "half-moon", "hierarchical", "checkerboard-linear")

@@ -34,9 +34,10 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,25 +45,33 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checks import check_bool, check_choice, check_float, check_int, check_seed, fail
-from ..fileio import CorruptFileError, DamagedFileWarning, atomic_torch_save, \
-    atomic_write_text, load_torch, read_json, sha256_file, store_lock
+from ..fileio import (
+    CorruptFileError,
+    DamagedFileWarning,
+    atomic_torch_save,
+    atomic_write_text,
+    load_torch,
+    read_json,
+    sha256_file,
+    store_lock,
+)
 from ..params import flatten_params
 from .datasets import Dataset, check_dataset_name, load_dataset
 from .models import MLP, check_model_data, default_model_for, load_model, model_spec, save_model
 
 __all__ = [
-    "TrainingDivergedError",
     "LOSSES",
     "OPTIMIZERS",
     "SETUPS",
     "TrainConfig",
     "TrainResult",
-    "loss_function",
+    "TrainingDivergedError",
     "accuracy",
-    "train",
-    "train_batched",
+    "loss_function",
     "reference_config",
     "rescale_to_norm",
+    "train",
+    "train_batched",
     "train_setup",
     "train_setups",
 ]
@@ -194,8 +203,7 @@ class TrainConfig:
         check_int(fn, "epochs", self.epochs, 0)
         check_float(fn, "lr", self.lr, 0, lo_open=True)
         if self.batch_size != "full":
-            if isinstance(self.batch_size, str) or isinstance(self.batch_size, bool) or \
-                    not isinstance(self.batch_size, int):
+            if isinstance(self.batch_size, (str, bool)) or not isinstance(self.batch_size, int):
                 fail(fn, "batch_size 'full' or an int >= 1", self.batch_size,
                      ValueError if isinstance(self.batch_size, str) else TypeError)
             check_int(fn, "batch_size", self.batch_size, 1)
