@@ -347,3 +347,16 @@ def test_cifar_loader_orientation_scaling_and_subsets(tmp_path):
     first_of_9 = _cifar_images(labels[0], 0)[9].transpose(2, 0, 1) / 255.0
     torch.testing.assert_close(Xf[63], torch.tensor(first_of_9, dtype=torch.float32))
     assert list_datasets(available_only=True, root=tmp_path)[-2:] == ["cifar-127", "cifar"]
+
+
+def test_check_dataset_name_lists_the_choices():
+    from hbkernels.boundary.datasets import check_dataset_name
+
+    for ok in ("gauss", "half-moon", "digits", "digits-017", "mnist", "mnist-1379", "cifar-127"):
+        assert check_dataset_name("hbk.t", ok) == ok
+    for bad in ("nope", "gaussian", "mnist-x", "digits-11", "cifar-", "Gauss"):
+        with pytest.raises(ValueError, match=r"hbk.t: expected (a dataset name, one of gauss, "
+                                             r"hierarchical.*|distinct class digits.*)got "):
+            check_dataset_name("hbk.t", bad)
+    with pytest.raises(TypeError, match="hbk.t: expected a dataset name"):
+        check_dataset_name("hbk.t", None)

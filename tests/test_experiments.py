@@ -117,3 +117,55 @@ def test_run_arrays_are_small(tmp_path):
     p = arr["eigenvalues"].numel()
     # top-25 vectors (p = 543: 109 kB), not the (p, p) storage they were sliced from (2.4 MB)
     assert (tmp_path / "runs" / "gauss--normal--seed0.pt").stat().st_size < 8 * p * 40 + 100_000
+
+
+@pytest.mark.parametrize("kw, exc, msg", [
+    ({"epochs_scale": float("nan")}, ValueError, "epochs_scale to be finite"),
+    ({"epochs_scale": float("inf")}, ValueError, "epochs_scale to be finite"),
+    ({"epochs_scale": 0}, ValueError, "epochs_scale > 0"),
+    ({"width": 0}, ValueError, "width >= 1"),
+    ({"width": 2.5}, TypeError, "width to be an int"),
+    ({"profile": "fast"}, ValueError, "profile to be one of"),
+    ({"max_exact_params": 0}, ValueError, "max_exact_params >= 1"),
+    ({"num_directions": 0}, ValueError, "num_directions >= 1"),
+    ({"resolution": 1}, ValueError, "resolution >= 2"),
+    ({"margin_steps": -1}, ValueError, "margin_steps >= 1"),
+    ({"epochs": {"normal": -1}}, ValueError, "epochs\\['normal'\\] >= 0"),
+    ({"epochs": {"normal": 1.5}}, TypeError, "epochs\\[.normal.\\] to be an int"),
+    ({"dtype": "float16"}, ValueError, "dtype to be one of"),
+])
+def test_settings_refuse_bad_values(kw, exc, msg):
+    with pytest.raises(exc, match=f"hbk.boundary.Settings: expected {msg}"):
+        E.Settings(**kw)
+
+
+def test_names_and_data_are_checked_before_any_work(tmp_path, monkeypatch):
+    from hbkernels.boundary import training as T
+
+    def no_work(*a, **k):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(T, "train_setups", no_work)
+    monkeypatch.setattr(E, "train_setups", no_work)
+    s = E.Settings(**TINY)
+    with pytest.raises(ValueError, match="hbk.boundary.figures: expected datasets from"):
+        E.figures(tmp_path, datasets=["nope"], settings=s, quiet=True)
+    with pytest.raises(ValueError, match="hbk.boundary.figures: expected distinct class digits"):
+        E.figures(tmp_path, datasets=["gauss"], digits="digits-x", settings=s, quiet=True)
+    with pytest.raises(ValueError, match="hbk.boundary.table1: expected datasets from"):
+        E.table1(tmp_path, datasets=["iris"], settings=s, quiet=True)
+    with pytest.raises(ValueError, match="hbk.boundary.table2: expected a dataset name"):
+        E.table2(tmp_path, datasets=["nope"], settings=s, quiet=True)
+    with pytest.raises(ValueError, match="hbk.boundary.run_grid: expected setup to be one of"):
+        E.run_grid(["gauss"], ["sharp"], [0], s, tmp_path, quiet=True)
+    with pytest.raises(ValueError, match="hbk.boundary.run_grid: expected distinct seeds"):
+        E.run_grid(["gauss"], ["normal"], [0, 0], s, tmp_path, quiet=True)
+    with pytest.raises(TypeError, match="hbk.boundary.run_grid: expected datasets to be"):
+        E.run_grid("gauss", ["normal"], [0], s, tmp_path, quiet=True)
+    monkeypatch.setenv("HBK_DATA", str(tmp_path / "none"))
+    with pytest.raises(FileNotFoundError, match="MNIST test files"):  # iris is never trained
+        E.run_grid(["iris", "mnist-017"], ["normal"], [0], s, tmp_path, quiet=True)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match="expected a writable"):
+        E.run_grid(["gauss"], ["normal"], [0], s, blocker, quiet=True)

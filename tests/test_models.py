@@ -153,3 +153,47 @@ def test_errors():
         make_model("lenet5", (3, 8, 8), 10)
     with pytest.raises(ValueError, match="hbk.model_spec"):
         model_spec(torch.nn.Linear(2, 2))
+
+
+def test_check_model_data_names_the_mismatch():
+    from hbkernels.boundary.datasets import load_dataset
+    from hbkernels.boundary.models import check_model_data
+
+    gauss = load_dataset("gauss")
+    assert check_model_data("hbk.t", make_model("fnn2", 2, 3, width=4), gauss) is not None
+    with pytest.raises(ValueError, match=r"hbk.t: expected a model that takes gauss inputs of "
+                                         r"shape \(2,\) \(it was built for in_features=4\)"):
+        check_model_data("hbk.t", make_model("fnn2", 4, 3, width=4), gauss)
+    with pytest.raises(ValueError, match=r"hbk.t: expected a model with 3 outputs for gauss"):
+        check_model_data("hbk.t", make_model("fnn2", 2, 2, width=4), gauss)
+    m = make_model("fnn2", 2, 3, width=4)
+    with torch.no_grad():
+        m.fc1.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="hbk.t: expected finite model parameters, got 1"):
+        check_model_data("hbk.t", m, gauss)
+    with pytest.raises(TypeError, match="hbk.t: expected an nn.Module"):
+        check_model_data("hbk.t", "model", gauss)
+    mixed = make_model("fnn2", 2, 3, width=4)
+    mixed.fc1.double()
+    with pytest.raises(TypeError, match="one floating dtype"):
+        check_model_data("hbk.t", mixed, gauss)
+
+
+def test_load_model_names_damaged_and_foreign_files(tmp_path):
+    from hbkernels.fileio import CorruptFileError
+
+    p = tmp_path / "m.pt"
+    save_model(make_model("fnn2", 2, 3, width=4, seed=0), p)
+    blob = p.read_bytes()
+    (tmp_path / "t.pt").write_bytes(blob[: len(blob) // 3])
+    with pytest.raises(CorruptFileError, match=r"hbk.load_model: expected a save_model file, "
+                                               r"got a damaged or foreign file .*t\.pt"):
+        load_model(tmp_path / "t.pt")
+    torch.save({"w": torch.ones(2)}, tmp_path / "sd.pt")
+    with pytest.raises(CorruptFileError, match=r"expected a model file written by save_model"):
+        load_model(tmp_path / "sd.pt")
+    d = torch.load(p, weights_only=True)
+    d["spec"]["width"] = 5  # a spec that does not fit its weights
+    torch.save(d, tmp_path / "bad.pt")
+    with pytest.raises(CorruptFileError, match=r"expected a spec and weights that match"):
+        load_model(tmp_path / "bad.pt")

@@ -407,3 +407,48 @@ def test_setup_errors():
         train_setup("normal", "gauss", seed=0, epochs={"pretrain": 3})
     with pytest.raises(ValueError, match="expected distinct seeds"):
         train_setups("normal", "gauss", [1, 1])
+
+
+def test_divergence_stops_training_with_a_clear_error(gauss):
+    from hbkernels.boundary.training import TrainingDivergedError
+
+    for engine in ("stacked", "autograd"):
+        m = make_model("fnn2", 2, 3, width=4, seed=0)
+        with pytest.raises(TrainingDivergedError,
+                           match=r"hbk.train: expected a finite training loss, got (nan|inf) at "
+                                 r"epoch \d+ of 300 .*lr 1e\+06"):
+            train(m, gauss, TrainConfig(epochs=300, lr=1e6, engine=engine))
+    models = [make_model("fnn2", 2, 3, width=4, seed=s) for s in range(2)]
+    with pytest.raises(TrainingDivergedError, match="seeds 0, 1"):
+        train_batched(models, gauss, TrainConfig(epochs=50, lr=1e7), seeds=[0, 1])
+
+
+def test_model_data_mismatch_is_named_before_training(gauss):
+    import dataclasses
+
+    with pytest.raises(ValueError, match=r"hbk.train: expected a model that takes gauss inputs "
+                                         r"of shape \(2,\)"):
+        train(make_model("fnn2", 3, 3, width=4), gauss, TrainConfig(epochs=1))
+    with pytest.raises(ValueError, match=r"hbk.train: expected a model with 3 outputs for gauss"):
+        train(make_model("fnn2", 2, 5, width=4), gauss, TrainConfig(epochs=1))
+    X = gauss.X_train.clone()
+    X[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="hbk.train: expected finite training inputs, got 1"):
+        train(make_model("fnn2", 2, 3, width=4), dataclasses.replace(gauss, X_train=X),
+              TrainConfig(epochs=1))
+    with pytest.raises(TypeError, match="hbk.train: expected config to be a TrainConfig"):
+        train(make_model("fnn2", 2, 3, width=4), gauss, {"lr": 0.1})
+
+
+def test_rescale_to_norm_refuses_bad_targets():
+    m = make_model("fnn2", 2, 3, width=4, seed=0)
+    for bad in (float("inf"), float("nan"), 0.0, -2.0):
+        with pytest.raises(ValueError, match="hbk.rescale_to_norm: expected target_norm"):
+            rescale_to_norm(m, bad)
+    with pytest.raises(TypeError, match="hbk.rescale_to_norm: expected target_norm to be a real"):
+        rescale_to_norm(m, "3")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+    with pytest.raises(ValueError, match="finite, positive parameter norm"):
+        rescale_to_norm(m, 3.0)

@@ -632,6 +632,10 @@ def _fit(models: list[nn.Module], dataset: Dataset, cfg: TrainConfig, seeds: lis
     n = len(y)
     if n == 0:
         raise ValueError("hbk.train: expected a non-empty training set, got 0 samples")
+    bad = int((~torch.isfinite(X)).sum())
+    if bad:
+        raise ValueError(f"hbk.train: expected finite training inputs, got {bad} NaN/inf "
+                         f"entries in {dataset.name}")
     for m in models:
         if not isinstance(m, nn.Module):
             fail("hbk.train", "model to be an nn.Module", m, TypeError)
@@ -754,7 +758,9 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None)
     Returns:
         :class:`TrainResult` with ``result.model is model``.
     """
-    cfg = config or TrainConfig()
+    cfg = TrainConfig() if config is None else config
+    if not isinstance(cfg, TrainConfig):
+        fail("hbk.train", "config to be a TrainConfig", cfg, TypeError)
     return _fit([model], dataset, cfg, [cfg.seed])[0]
 
 
@@ -776,7 +782,9 @@ def train_batched(models: Sequence[nn.Module], dataset: Dataset,
     Returns:
         S :class:`TrainResult`.
     """
-    cfg = config or TrainConfig()
+    cfg = TrainConfig() if config is None else config
+    if not isinstance(cfg, TrainConfig):
+        fail("hbk.train_batched", "config to be a TrainConfig", cfg, TypeError)
     models = list(models)
     if not models:
         raise ValueError("hbk.train_batched: expected at least one model, got none")
