@@ -39,6 +39,7 @@ __all__ = [
     "check_writable",
     "load_torch",
     "read_json",
+    "remove_stale_temporaries",
     "sha256_bytes",
     "sha256_file",
     "store_lock",
@@ -289,6 +290,32 @@ def load_torch(fn: str, path: str | os.PathLike, *, allow_pickle: bool = False,
                                    f"{str(err)[:120]})", path) from None
         raise CorruptFileError(f"{fn}: expected {what}, got a damaged pickle {path} "
                                f"({type(err).__name__}: {str(err)[:160]})", path) from None
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, older_than: float = 3600.0) -> int:
+    """Remove our temporaries (``.*.tmp`` files, ``.tmp-*`` directories) in ``directory`` that
+    a killed writer left behind more than ``older_than`` seconds ago. Returns how many."""
+    import shutil
+    import time
+
+    d = Path(directory)
+    if not d.is_dir():
+        return 0
+    now, count = time.time(), 0
+    for p in d.iterdir():
+        if not (p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.startswith(".tmp-"))):
+            continue
+        try:
+            if now - p.lstat().st_mtime < older_than:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            count += 1
+        except OSError:
+            pass
+    return count
 
 
 @contextlib.contextmanager

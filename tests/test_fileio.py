@@ -169,3 +169,18 @@ def test_store_lock_excludes_other_holders(tmp_path):
         order.append("b")
     t.join()
     assert order == ["a-in", "a-out", "b"]
+
+
+def test_stale_temporaries_are_removed_young_ones_kept(tmp_path):
+    old_f, young_f = tmp_path / ".a.json.x1.tmp", tmp_path / ".b.pt.x2.tmp"
+    old_d = tmp_path / ".tmp-run-abc"
+    keep = tmp_path / "a.json"
+    for p in (old_f, young_f, keep):
+        p.write_text("x")
+    old_d.mkdir()
+    (old_d / "model.pt").write_text("x")
+    for p in (old_f, old_d):
+        os.utime(p, (1, 1))
+    os.utime(keep, (1, 1))
+    assert fileio.remove_stale_temporaries(tmp_path, older_than=60) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.pt.x2.tmp", "a.json"]

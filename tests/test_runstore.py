@@ -237,6 +237,31 @@ def test_disk_full_while_caching_a_model_is_named_and_leaves_no_entry(tmp_path, 
                              cache_dir=tmp_path).cached
 
 
+def _cache_writer(cache: str) -> None:
+    torch.set_num_threads(1)
+    warnings.simplefilter("error", DamagedFileWarning)
+    for seed in (0, 1, 0, 1):
+        T.train_setup("adversarial", "gauss", seed=seed, width=4, cache_dir=cache,
+                      epochs={"random-label": 3, "adversarial": 2})
+
+
+def test_concurrent_writers_into_one_model_cache(tmp_path):
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_cache_writer, args=(str(tmp_path),)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    entries = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 4 and _no_temporaries(tmp_path)  # 2 seeds x (random-label, adv.)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert all(T.train_setup("adversarial", "gauss", seed=s, width=4, cache_dir=tmp_path,
+                                 epochs={"random-label": 3, "adversarial": 2}).cached
+                   for s in (0, 1))
+
+
 def test_diverging_phase_is_not_cached(tmp_path, monkeypatch):
     real = T.reference_config
     monkeypatch.setattr(T, "reference_config",

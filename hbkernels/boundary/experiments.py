@@ -45,6 +45,7 @@ from ..fileio import (
     check_writable,
     load_torch,
     read_json,
+    remove_stale_temporaries,
     sha256_bytes,
     sha256_file,
     store_lock,
@@ -230,6 +231,7 @@ class RunStore:
         self.out = Path(out)
         self.dir = self.out / "runs"
         check_writable("hbk.boundary.RunStore", self.dir)
+        remove_stale_temporaries(self.dir)  # left by a killed writer
 
     @staticmethod
     def key(dataset: str, setup: str, seed: int, settings: Settings) -> dict:

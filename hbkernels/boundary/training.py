@@ -52,6 +52,7 @@ from ..fileio import (
     atomic_write_text,
     load_torch,
     read_json,
+    remove_stale_temporaries,
     sha256_file,
     store_lock,
 )
@@ -973,6 +974,7 @@ def _store(result: TrainResult, path: Path) -> None:
     """Write a finished phase into the cache: a fresh temporary directory, then one rename
     under the cache lock (the entry is complete or absent; concurrent writers are safe)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent)  # left by a killed writer
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name[:40]}-", dir=path.parent))
     try:
         result.save(tmp)
