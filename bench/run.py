@@ -249,13 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (GPU run)")
     ap.add_argument("--out", default=None,
-                    help="output directory (default bench/, smoke: bench/results/smoke)")
+                    help="output directory (default bench/, smoke: build/bench-smoke)")
     ap.add_argument("--task-timeout", type=float, default=1800)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.repeats is None:
         args.repeats = 1 if args.smoke else 3
-    out = Path(args.out) if args.out else (H.RESULTS / "smoke" if args.smoke else H.BENCH)
+    out = Path(args.out) if args.out else (H.ROOT / "build" / "bench-smoke" if args.smoke
+                                           else H.BENCH)
     out.mkdir(parents=True, exist_ok=True)
     scale = "smoke" if args.smoke else "full"
     if args.worker:
