@@ -15,7 +15,11 @@ largest magnitude of its output gradients and fallback gradients (``scale=True``
 kernels see numbers near 1: squared norms of gradients of size 1e-26 (a confident float32
 model) neither underflow nor lose precision, and large gradients do not overflow. The products
 are unscaled in float64 (norms ``/ s_i``, Gram ``/ (s_i s_j)``); cosines are scale invariant.
-Powers of two make the scaling exact.
+Powers of two make the scaling exact. Blocks whose peaks all lie in [2^-16, 2^16] are left
+unscaled (bitwise the products of an unscaled engine). Limits: the scale comes from the output
+gradients, so layer inputs whose squared norms leave the dtype's range (``|a| > 1e19`` in
+float32) are not rescaled, and gradients below the dtype's smallest normal number have already
+lost precision in the backward pass (the per-sample gradients themselves are not representable).
 """
 
 from __future__ import annotations
