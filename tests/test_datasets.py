@@ -360,3 +360,11 @@ def test_check_dataset_name_lists_the_choices():
             check_dataset_name("hbk.t", bad)
     with pytest.raises(TypeError, match="hbk.t: expected a dataset name"):
         check_dataset_name("hbk.t", None)
+
+
+def test_flags_are_real_bools():
+    with pytest.raises(TypeError,
+                       match="hbk.load_dataset: expected random_labels to be True or False"):
+        load_dataset("gauss", random_labels="False")
+    with pytest.raises(ValueError, match="hbk.load_dataset: expected split_seed >= 0"):
+        load_dataset("gauss", split_seed=-1)

@@ -197,3 +197,11 @@ def test_load_model_names_damaged_and_foreign_files(tmp_path):
     torch.save(d, tmp_path / "bad.pt")
     with pytest.raises(CorruptFileError, match=r"expected a spec and weights that match"):
         load_model(tmp_path / "bad.pt")
+
+
+def test_make_model_flags_and_seed_are_checked():
+    with pytest.raises(TypeError,
+                       match="hbk.make_model: expected log_softmax to be True or False"):
+        make_model("fnn", 2, 3, width=4, log_softmax="False")
+    with pytest.raises(ValueError, match="hbk.make_model: expected seed >= 0"):
+        make_model("fnn", 2, 3, width=4, seed=-1)

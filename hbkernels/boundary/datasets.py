@@ -28,6 +28,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..checks import check_bool, check_int
+
 __all__ = [
     "Dataset",
     "load_dataset",
@@ -526,6 +528,8 @@ def load_dataset(
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"hbk.load_dataset: expected a floating torch.dtype, got {dtype!r}")
     check_dataset_name("hbk.load_dataset", name)
+    check_bool("hbk.load_dataset", "random_labels", random_labels)
+    check_int("hbk.load_dataset", "split_seed", split_seed, 0)
     if random_type not in ("uniform", "within"):
         raise ValueError(
             f"hbk.load_dataset: expected random_type 'uniform' or 'within', got {random_type!r}"

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checks import check_choice, check_float, check_int, fail
+from ..checks import check_bool, check_choice, check_float, check_int, fail
 from ..fileio import (
     CorruptFileError,
     DamagedFileWarning,
@@ -390,6 +390,8 @@ def run_grid(
         The rows (one per run, in grid order) and the trained results by run name (only the
         runs trained or loaded in this call).
     """
+    check_bool("hbk.boundary.run_grid", "margins", margins)
+    check_bool("hbk.boundary.run_grid", "quiet", quiet)
     out = Path(out)
     datasets, setups, seeds = _check_grid("hbk.boundary.run_grid", datasets, setups, seeds,
                                           settings)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_bool, check_seed
+
 if TYPE_CHECKING:
     from .datasets import Dataset
 
@@ -226,6 +228,8 @@ def make_model(
     Returns:
         The module, with ``model.spec`` (the arguments, JSON-serialisable) for rebuilding.
     """
+    check_bool("hbk.make_model", "log_softmax", log_softmax)
+    check_seed("hbk.make_model", "seed", seed)
     if arch not in ARCHS:
         raise ValueError(f"hbk.make_model: expected arch in {ARCHS}, got {arch!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
