@@ -109,8 +109,8 @@ def _settings(args, **over):
     exact = args.max_exact_params
     if exact is None:
         exact = 11000 if profile == "reference" else 6000
-    kw = dict(profile=profile, width=args.width, epochs_scale=args.epochs_scale, rule=args.rule,
-              max_exact_params=exact, resolution=args.resolution)
+    kw = {"profile": profile, "width": args.width, "epochs_scale": args.epochs_scale,
+          "rule": args.rule, "max_exact_params": exact, "resolution": args.resolution}
     if getattr(args, "margin_steps", None) is not None:
         kw["margin_steps"] = args.margin_steps
     kw.update(over)
@@ -250,8 +250,8 @@ def _cmd_demo(args) -> int:
 
 
 def _summary_lines(rows: Sequence[dict]) -> str:
-    lines = [f"{'dataset':<20} {'setup':<12} {'seed':>4} {'G':>8} {'eps':>8} {'trace':>10} "
-             f"{'lambda_max':>10} {'norm':>8} {'train':>6} {'test':>6}"]
+    lines = [(f"{'dataset':<20} {'setup':<12} {'seed':>4} {'G':>8} {'eps':>8} {'trace':>10} "
+              f"{'lambda_max':>10} {'norm':>8} {'train':>6} {'test':>6}")]
     for r in rows:
         g = "collapsed" if r.get("G") is None else f"{r['G']:.4f}"
         lines.append(f"{r['dataset']:<20} {r['setup']:<12} {r['seed']:>4} {g:>8} "
@@ -433,9 +433,8 @@ def _build_for_state_dict(sd: dict, dataset, arch: str | None, width: int | None
     if dataset is None:
         raise CliError("hbk analyze: expected --dataset to rebuild a model from a state_dict")
     first = next((v for k, v in sd.items() if k.endswith("weight") and v.dim() == 2), None)
-    if arch is None or arch in ("fnn", "fnn2"):
-        if width is None and first is not None and arch != "cnn":
-            width = int(first.shape[0])
+    if arch in (None, "fnn", "fnn2") and width is None and first is not None:
+        width = int(first.shape[0])
     dtype = next(iter(sd.values())).dtype
     if arch is None:
         try:

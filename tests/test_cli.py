@@ -115,10 +115,11 @@ def test_console_script_subprocess(tmp_path):
     if exe is None:
         pytest.skip("the hbk console script is not installed in this environment")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([exe, "--help"], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run([exe, "--help"], capture_output=True, text=True, env=env, timeout=120,
+                       check=False)
     assert r.returncode == 0 and "reproduce" in r.stdout
     r = subprocess.run([exe, "analyze", str(tmp_path / "missing")], capture_output=True,
-                       text=True, env=env, timeout=120)
+                       text=True, env=env, timeout=120, check=False)
     assert r.returncode == 1 and "expected an existing model file" in r.stderr
     assert r.stderr.startswith("hbk: error: ") and len(r.stderr.strip().splitlines()) == 1
 
@@ -184,14 +185,6 @@ def test_train_diverging_lr_fails_and_saves_nothing(tmp_path, capsys):
     assert cli.main(["train", "--setup", "adversarial", "--lr", "0.1", "--epochs", "5",
                      "--out", str(out), "--quiet"]) == 1
     _one_error_line(capsys, "expected --setup normal or random-label with --lr")
-    # the paper setups: a diverging phase is never put into the cache
-    from hbkernels.boundary import training as T
-
-    cache = tmp_path / "cache"
-    with pytest.raises(T.TrainingDivergedError, match="hbk.train: expected a finite"):
-        T._fit([T.default_model_for(T.load_dataset("gauss"), 4, seed=0)], T.load_dataset("gauss"),
-               T.TrainConfig(epochs=20, lr=1e7), [0])
-    assert not cache.exists()
 
 
 def test_unwritable_out_or_cache_fails_before_training(tmp_path, capsys, monkeypatch):
