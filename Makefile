@@ -21,7 +21,7 @@ BUILD_LOCK ?= flock build.lock
 # Sources whose change needs a rebuild of the extension.
 EXT_SOURCES := CMakeLists.txt pyproject.toml $(wildcard csrc/*.cpp csrc/hbk/*.h python/*.cpp cmake/*)
 
-.PHONY: setup install test test-fast demo bench bench-smoke wheel clean FORCE
+.PHONY: setup install test test-fast asan demo bench bench-smoke wheel clean FORCE
 
 setup: $(VENV)/.deps-stamp
 install: $(VENV)/.install-stamp
@@ -49,6 +49,13 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# AddressSanitizer + UBSan build of the extension (build/asan, its own venv; the normal build
+# and .venv are untouched) and the kernel and Lanczos tests under it (tools/asan.sh explains
+# how). Not part of `make test`.
+ASAN_TESTS ?= tests/test_ops.py tests/test_kernels.py tests/test_lanczos.py
+asan: install
+	tools/asan.sh $(ASAN_TESTS) $(PYTEST_ARGS)
 
 demo: install
 	$(VENV)/bin/hbk demo --out results/demo
