@@ -23,7 +23,8 @@ import os
 import pickle
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -32,11 +33,11 @@ from ..checks import check_bool, check_int
 
 __all__ = [
     "Dataset",
-    "load_dataset",
-    "list_datasets",
     "check_dataset_name",
-    "reference_split",
+    "list_datasets",
+    "load_dataset",
     "read_idx",
+    "reference_split",
 ]
 
 _SPLIT_SEED = 42

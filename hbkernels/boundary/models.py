@@ -10,7 +10,8 @@ state is untouched and the same seed gives the same model in every dtype.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,18 +23,18 @@ if TYPE_CHECKING:
     from .datasets import Dataset
 
 __all__ = [
-    "MLP",
-    "FNN",
-    "FNN2Layer",
-    "CNN",
-    "LeNet5",
     "ARCHS",
-    "make_model",
+    "CNN",
+    "FNN",
+    "MLP",
+    "FNN2Layer",
+    "LeNet5",
+    "check_model_data",
     "default_model_for",
+    "load_model",
+    "make_model",
     "model_spec",
     "save_model",
-    "load_model",
-    "check_model_data",
 ]
 
 ARCHS = ("fnn", "fnn2", "cnn", "lenet5")
