@@ -18,6 +18,7 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
@@ -87,7 +88,7 @@ std::vector<int64_t> wanted_order(const std::vector<double>& theta, Which which)
 // Calls the operator on a (dim, b) block given by rows [r0, r0 + b) of Q and returns
 // A X as a fresh (b, dim) row block (detached, basis dtype/device).
 at::Tensor apply_rows(const BlockMatvec& op, const at::Tensor& Q, int64_t r0, int64_t b,
-                      int64_t dim, double& seconds) {
+                      int64_t dim, double& seconds, at::Tensor out = at::Tensor()) {
   at::Tensor x = Q.narrow(0, r0, b);  // a view of the basis: the callee must not modify it
   at::Tensor arg = b == 1 ? x.view({dim}) : x.t();
   auto t0 = Clock::now();
@@ -105,7 +106,7 @@ at::Tensor apply_rows(const BlockMatvec& op, const at::Tensor& Q, int64_t r0, in
   TORCH_CHECK_TYPE(y.device() == Q.device(),
                    "hbk.lanczos: expected matvec to return a tensor on the basis device ",
                    Q.device(), ", got one on ", y.device());
-  at::Tensor out = at::empty({b, dim}, Q.options());
+  if (!out.defined()) out = at::empty({b, dim}, Q.options());
   out.copy_(y.detach().reshape({dim, b}).t());
   return out;
 }
@@ -114,14 +115,16 @@ at::Tensor apply_rows(const BlockMatvec& op, const at::Tensor& Q, int64_t r0, in
 // returns the accumulated coefficients (rows(B), rows(W)). The second pass runs when
 // `eta` >= 1 (always) or when the first pass cancelled most of some row, |w'| < eta |w|
 // (the Daniel-Gragg-Kaufman-Stewart criterion; "twice is enough").
-at::Tensor cgs2(at::Tensor& W, const at::Tensor& B, double eta = 2.0, int64_t* passes = nullptr) {
-  std::vector<double> before;
-  if (eta < 1.0) before = to_host(at::linalg_vector_norm(W, 2, {1}, false, at::kDouble));
+at::Tensor cgs2(at::Tensor& W, const at::Tensor& B, double eta = 2.0, int64_t* passes = nullptr,
+                std::vector<double>* norms = nullptr) {
+  auto row_norms = [&] { return to_host(at::linalg_vector_norm(W, 2, {1}, false, at::kDouble)); };
+  std::vector<double> before, after;
+  if (eta < 1.0) before = row_norms();
   at::Tensor h = at::mm(B, W.t());
   W.addmm_(h.t(), B, 1.0, -1.0);
   if (passes) ++*passes;
   if (eta < 1.0) {
-    auto after = to_host(at::linalg_vector_norm(W, 2, {1}, false, at::kDouble));
+    after = row_norms();
     for (size_t i = 0; i < after.size(); ++i)
       if (!(after[i] >= eta * before[i])) eta = 2.0;
   }
@@ -130,7 +133,9 @@ at::Tensor cgs2(at::Tensor& W, const at::Tensor& B, double eta = 2.0, int64_t* p
     W.addmm_(h2.t(), B, 1.0, -1.0);
     h.add_(h2);
     if (passes) ++*passes;
+    after.clear();
   }
+  if (norms) *norms = after.empty() ? row_norms() : after;
   return h;
 }
 
@@ -179,6 +184,7 @@ class ThickRestartLanczos {
     auto opts = s.options();
     Q_ = at::empty({rows_, dim_}, opts);  // rows are written before they are read
     if (o.store_products) P_ = at::empty({rows_, dim_}, opts);
+    Wbuf_ = at::empty({b_, dim_}, opts);
     eta_ = o.reorth_twice ? 2.0 : M_SQRT1_2;
     eps_ = machine_eps(s.scalar_type());
     T_.assign(static_cast<size_t>(rows_ * rows_), 0.0);
@@ -307,7 +313,8 @@ class ThickRestartLanczos {
   // rows Q[r0:r0+made]; fills coupling_ (made x b, row-major) with W^T = Qn^T coupling.
   // Columns that are numerically dependent get a random replacement with a zero coupling
   // row, as long as the basis has room.
-  void orthonormalise_block(at::Tensor& W, int64_t r0, double scale) {
+  void orthonormalise_block(at::Tensor& W, int64_t r0, double scale,
+                            const std::vector<double>* norms = nullptr) {
     const int64_t room = rows_ - r0;
     const int64_t bw = W.size(0);
     const int64_t target = std::min(b_, room);
@@ -321,9 +328,13 @@ class ThickRestartLanczos {
         auto hh = to_host(h);
         for (int64_t r = 0; r < made; ++r) coupling_[r * bw + c] = hh[r];
       }
-      const double rho = at::linalg_vector_norm(w, 2, {}, false, at::kDouble).item<double>();
+      // The norm is known for a column that no Gram-Schmidt changed since it was measured.
+      const double rho = made == 0 && norms
+                             ? (*norms)[static_cast<size_t>(c)]
+                             : at::linalg_vector_norm(w, 2, {}, false, at::kDouble).item<double>();
       if (rho > thresh && made < target) {
-        Q_.narrow(0, r0 + made, 1).copy_(w).mul_(1.0 / rho);
+        at::Tensor dst = Q_.narrow(0, r0 + made, 1);
+        at::mul_out(dst, w, 1.0 / rho);
         coupling_[made * bw + c] = rho;
         ++made;
       }
@@ -355,13 +366,10 @@ class ThickRestartLanczos {
     const int64_t r0 = nl_ + na_, bb = pending_;
     const double mv_before = matvec_seconds_;
     auto t0 = Clock::now();
-    at::Tensor W = apply_rows(op_, Q_, r0, bb, dim_, matvec_seconds_);
+    // The product goes into a buffer kept for the whole run (no allocation per call).
+    at::Tensor W = apply_rows(op_, Q_, r0, bb, dim_, matvec_seconds_, Wbuf_.narrow(0, 0, bb));
     num_mv_ += bb;
     if (P_.defined()) P_.narrow(0, r0, bb).copy_(W);
-    const double raw = at::linalg_vector_norm(W, 2, {1}, false, at::kDouble).max().item<double>();
-    TORCH_CHECK_VALUE(std::isfinite(raw),
-                      "hbk.lanczos: expected matvec to return finite values, got NaN or inf");
-    anorm_ = std::max(anorm_, raw);
     // Selective mode: first remove the local recurrence terms (this block and the previous
     // one, or every kept Ritz vector right after a restart) with a small GEMM, so that the
     // full pass sees only rounding-level components; the DGKS test then rarely asks for
@@ -375,9 +383,22 @@ class ThickRestartLanczos {
       auto hh = to_host(hl);
       std::copy(hh.begin(), hh.end(), h.begin() + l0 * bb);
     }
+    std::vector<double> after;
     {
-      auto hh = to_host(cgs2(W, Q_.narrow(0, 0, r0 + bb), eta_, &passes_));
+      auto hh = to_host(cgs2(W, Q_.narrow(0, 0, r0 + bb), eta_, &passes_, &after));
       for (size_t i = 0; i < hh.size(); ++i) h[i] += hh[i];
+    }
+    // |A q| of each column, by Pythagoras from all coefficients and the final norm (NaN or
+    // inf in the product propagate to both): the finiteness check and the scale of the
+    // dependence threshold, without another pass over W.
+    {
+      for (int64_t c = 0; c < bb; ++c) {
+        double s2 = after[c] * after[c];
+        for (int64_t i = 0; i < r0 + bb; ++i) s2 += h[i * bb + c] * h[i * bb + c];
+        TORCH_CHECK_VALUE(std::isfinite(s2),
+                          "hbk.lanczos: expected matvec to return finite values, got NaN or inf");
+        anorm_ = std::max(anorm_, std::sqrt(s2));
+      }
     }
     just_restarted_ = false;
     // Column block of T for the active rows; coefficients against locked rows are dropped
@@ -396,7 +417,7 @@ class ThickRestartLanczos {
     last_block_ = bb;
     pending_ = 0;
     have_solution_ = false;
-    orthonormalise_block(W, nl_ + na_, anorm_);
+    orthonormalise_block(W, nl_ + na_, anorm_, &after);
     // The coupling of the new pending block to the block just expanded (sub-diagonal of T).
     for (int64_t r = 0; r < coupling_rows_; ++r)
       for (int64_t c = 0; c < bb; ++c) {
@@ -665,7 +686,7 @@ class ThickRestartLanczos {
   const LanczosMonitor& monitor_;
   RandomVectors rng_;
   int64_t dim_ = 0, b_ = 1, rows_ = 0;
-  at::Tensor Q_, P_;
+  at::Tensor Q_, P_, Wbuf_;
   double eps_ = 0, anorm_ = 0, eta_ = 2.0;
   int64_t passes_ = 0;
   std::vector<double> T_;                    // rows_ x rows_, active block at the top left
