@@ -81,8 +81,13 @@ def run_task(task: str, args, out: Path) -> dict:
         cmd.append("--smoke")
     t0 = time.perf_counter()
     env = dict(os.environ, HBK_BENCH_DEVICE=args.device)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                          timeout=args.task_timeout, check=False)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                              timeout=args.task_timeout, check=False)
+    except subprocess.TimeoutExpired:
+        print(f"{task}: timed out after {args.task_timeout:.0f} s", flush=True)
+        return {"task": task, "error": f"timed out after {args.task_timeout:.0f} s",
+                "wall_s": time.perf_counter() - t0}
     dt = time.perf_counter() - t0
     for line in proc.stdout.splitlines():
         print("  " + line, flush=True)
