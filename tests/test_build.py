@@ -132,7 +132,8 @@ def test_makefile_version_floors_are_quoted(tmp_path):
 
 def test_makefile_torch_spec_change_reinstalls_torch_and_rebuilds(tmp_path):
     # A fake venv: `pip` only echoes, so the stamps' logic runs without installing anything.
-    fake = [f"VENV={tmp_path}", "PY=/bin/true", "PIP=echo pip", "BUILD_LOCK="]
+    # (EXT_SOURCES empty: a concurrent source edit must not make the second run rebuild.)
+    fake = [f"VENV={tmp_path}", "PY=/bin/true", "PIP=echo pip", "BUILD_LOCK=", "EXT_SOURCES="]
     first = _make("install", *fake, "TORCH_SPEC=torch==2.13.0")
     assert any('install -q -c' in ln and '"torch==2.13.0"' in ln for ln in first), first
     assert any("--no-build-isolation -e" in ln for ln in first), first
