@@ -28,7 +28,19 @@ then one double backward per parameter, with create_graph=True as in the referen
 The per-parameter loop is timed on --rows rows spread evenly over the parameters and
 extrapolated to p; those rows are compared with hbk's.
 
-The machine is shared: timings are noisy. Usage: python bench/bench_lanczos.py [--quick]
+Driver overhead part (--overhead; issue 11 item 1): hbk.hessian_eigs (tol 1e-6, seed 0,
+float64 basis) on the paper MLP above (n = 999) and on LeNet-5 (3x32x32 inputs, 10 classes,
+p = 62,006; torch seed 0, untrained; n = 256 seeded Gaussian images with uniform labels),
+top-10 and top-25, float32 and float64 HVPs, at each --overhead-threads. Per run: products
+(main phase / total with the multiplicity probe), wall time of the driver, time inside the
+HVPs, and the time outside them as a fraction of the driver's run and of the whole
+hessian_eigs call (operator set-up included), split by the driver's profile: Gram-Schmidt
+and copies after each call, restarts, projected eigensolves, final Ritz vectors, Python.
+The HVP operator is whatever hbkernels.HessianOperator does in the tree ("auto" method).
+
+The machine is shared: timings are noisy. Usage:
+  python bench/bench_lanczos.py [--quick]
+  python bench/bench_lanczos.py --overhead [--overhead-threads 1 2] [--lenet-n 256] [--ks 10 25]
 """
 
 from __future__ import annotations
@@ -244,6 +256,79 @@ def exact_rows(model32, ns, args):
     return rows
 
 
+def lenet_data(n: int):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def overhead_rows(args) -> list[dict]:
+    """Time outside the HVPs of hbk.hessian_eigs on the paper MLP and LeNet-5."""
+    import torch
+    import torch.nn.functional as F
+
+    import hbkernels as hbk
+    from hbkernels.boundary.models import FNN2Layer, LeNet5
+
+    X, y = gauss_mixture(1000)
+    torch.manual_seed(0)
+    mlp = FNN2Layer(2, (100, 100), 3)
+    train(mlp, X, y, epochs=200)
+    torch.manual_seed(0)
+    lenet = LeNet5((3, 32, 32), 10)
+    models = [("paper MLP 2-100-100-3", mlp, (X, y)),
+              ("LeNet-5 3x32x32", lenet, lenet_data(args.lenet_n))]
+    rows = []
+    for threads in args.overhead_threads:
+        torch.set_num_threads(threads)
+        for name, model, data in models:
+            for hvp_dtype in (torch.float32, torch.float64):
+                for k in args.ks:
+                    t0 = time.perf_counter()
+                    r = hbk.hessian_eigs(model, F.cross_entropy, data, k=k, tol=1e-6, seed=0,
+                                         hvp_dtype=hvp_dtype)
+                    call = time.perf_counter() - t0
+                    prof = r.profile
+                    row = {
+                        "model": name, "p": int(r.eigenvectors.shape[0]), "n": len(data[1]),
+                        "threads": threads, "hvp_dtype": str(hvp_dtype).replace("torch.", ""),
+                        "k": k, "matvecs": f"{r.main_matvecs}/{r.num_matvecs}",
+                        "restarts": r.num_restarts, "converged": f"{int(r.converged.sum())}/{k}",
+                        "driver_s": r.total_seconds, "hvp_s": r.matvec_seconds,
+                        "ms_per_hvp": 1e3 * r.matvec_seconds / max(r.num_matvecs, 1),
+                        "outside_driver": r.overhead_fraction,
+                        "outside_call": max(0.0, 1 - r.matvec_seconds / call), "call_s": call,
+                        **{key.replace("_seconds", "_s"): v for key, v in prof.items()},
+                        "hvp_method": r.extra.get("hvp_methods"),
+                    }
+                    rows.append(row)
+                    print(f"  {threads}t {name:22s} {row['hvp_dtype']} k={k:2d} mv {row['matvecs']:>7s} "
+                          f"driver {r.total_seconds:6.2f} s, HVPs {r.matvec_seconds:6.2f} s "
+                          f"({row['ms_per_hvp']:.1f} ms each), outside {r.overhead_fraction:6.1%} "
+                          f"of the driver, {row['outside_call']:6.1%} of the call; "
+                          f"orth {prof['orth_seconds']:.3f} restart {prof['restart_seconds']:.3f} "
+                          f"solve {prof['solve_seconds']:.3f} finish {prof['finish_seconds']:.3f} "
+                          f"python {prof['python_seconds']:.3f}", flush=True)
+    return rows
+
+
+def overhead_main(args) -> None:
+    rows = overhead_rows(args)
+    cols = [("model", "model"), ("threads", "threads"), ("hvp_dtype", "HVP"), ("k", "k"),
+            ("matvecs", "HVPs main/total"), ("restarts", "restarts"), ("driver_s", "driver s"),
+            ("hvp_s", "in HVPs s"), ("ms_per_hvp", "ms/HVP"),
+            ("outside_driver", "outside HVPs / driver"), ("outside_call", "outside HVPs / call"),
+            ("orth_s", "Gram-Schmidt s"), ("restart_s", "restarts s"), ("solve_s", "eigensolves s"),
+            ("finish_s", "finish s"), ("python_s", "Python s")]
+    table = Hn.markdown_table(rows, cols)
+    meta = {**Hn.machine_meta(), "load_average_at_end": Path("/proc/loadavg").read_text().split()[:3],
+            "tol": 1e-6, "lenet_n": args.lenet_n, "target": "outside HVPs <= 5 % of the driver's run",
+            "note": "shared 2-core machine, timings noisy; one run per row"}
+    Hn.save_results("lanczos_overhead", rows, table, meta)
+    print(table)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="width 30 (p = 1,113), n = 150, k = 5")
@@ -252,7 +337,15 @@ def main() -> None:
     ap.add_argument("--lobpcg-iters", type=int, default=300)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for the timed comparisons (the ground truth uses torch's default)")
+    ap.add_argument("--overhead", action="store_true",
+                    help="only the driver-overhead table (paper MLP and LeNet-5, top-10/25, float32/64 HVPs)")
+    ap.add_argument("--overhead-threads", type=int, nargs="+", default=[1])
+    ap.add_argument("--lenet-n", type=int, default=256)
+    ap.add_argument("--ks", type=int, nargs="+", default=[10, 25])
     args = ap.parse_args()
+    if args.overhead:
+        overhead_main(args)
+        return
 
     import torch
     import torch.nn.functional as F

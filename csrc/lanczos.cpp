@@ -558,13 +558,13 @@ class ThickRestartLanczos {
       return false;
     }
     // Length of a probe. A random start has a component of about 1/sqrt(dim) along a missed
-    // eigenvector; the main phase amplified such a component to convergence (eigenvalue
-    // error ~ tol, residual ~ sqrt(tol) relative) in first_pair_ products. A missed pair
-    // competes with fewer wanted pairs in the probe and only has to rise above the
-    // threshold: the Chebyshev amplification needed is the log(sqrt(dim)) part of the
-    // log(sqrt(dim) / sqrt(tol)) that the main phase paid, given here twice over.
+    // eigenvector; the main phase amplified such a component to convergence (angle, i.e.
+    // relative residual, ~ tol) in first_pair_ products. A missed pair competes with fewer
+    // wanted pairs in the probe and only has to rise above the threshold (angle O(1)): the
+    // Chebyshev amplification needed is the log(sqrt(dim)) part of the log(sqrt(dim) / tol)
+    // that the main phase paid, given here twice over.
     const double L = 0.5 * std::log(static_cast<double>(dim_));
-    const double ratio = std::min(1.0, 2.0 * L / (L + 0.5 * std::log(1.0 / opts_.tol)));
+    const double ratio = std::min(1.0, 2.0 * L / (L + std::log(1.0 / opts_.tol)));
     const int64_t s1 = first_pair_ > 0 ? first_pair_ : first_converged_;
     probe_budget_ = std::max<int64_t>(PROBE_MIN * b_,
                                       static_cast<int64_t>(std::ceil(ratio * s1 / b_)) * b_);
