@@ -351,6 +351,10 @@ def load_any_model(
         if not (p / "model.pt").exists():
             raise CliError(f"{fn}: expected {p / 'model.pt'} in the model directory, got none")
         if (p / "result.json").exists():  # verified against manifest.json when present
+            if not (p / "manifest.json").exists():
+                warnings.warn(f"hbk: {p} has no manifest.json (an interrupted save or an older "
+                              "hbk): its files cannot be verified", DamagedFileWarning,
+                              stacklevel=2)
             model = TrainResult.load(p).model
             meta["result"] = read_json(fn, p / "result.json")
         else:

@@ -278,6 +278,10 @@ def test_analyze_reports_corrupt_and_foreign_files(tmp_path, capsys):
     _one_error_line(capsys, "expected a model with 2 outputs for circle")
     assert cli.main(["analyze", str(tr5), "--dataset", "iris", *an]) == 1
     _one_error_line(capsys, "expected a model that takes iris inputs of shape (4,)")
+    # a directory without its manifest (an interrupted save): analysed, with a warning line
+    (tr5 / "manifest.json").unlink()
+    assert cli.main(["analyze", str(tr5), *an]) == 0
+    assert _err(capsys).startswith(f"hbk: warning: {tr5} has no manifest.json")
 
 
 def test_disk_full_and_damaged_cache_are_reported(tmp_path, capsys, monkeypatch):
