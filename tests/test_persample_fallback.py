@@ -36,9 +36,11 @@ def test_which_parameters_fall_back():
     ids = torch.randint(0, 11, (3, 4))
     eng = Engine("t", model, ids, parse_options("t", {}), Work(norms=True))
     names = eng.fallback.names
-    assert "emb.weight" in names and "ln.weight" in names and "attn.in_proj_weight" in names
+    assert "attn.in_proj_weight" in names
     assert "attn.out_proj.weight" in names  # used functionally by the attention, not by forward
     assert "ff.weight" not in names and "head.weight" not in names
+    # Embedding (one-hot factor pair) and LayerNorm (direct rule) have rules now.
+    assert "emb.weight" not in names and "ln.weight" not in names and "ln.bias" not in names
 
 
 def test_fallback_with_a_custom_forward_reaching_submodules():

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from ..checks import FLOATS, describe, fail
 from ..objective import check_model_is_deterministic
 from ..params import trainable_parameters
-from .capture import Layer, Pair, Recorder, find_layers, layer_factors, positions
+from .capture import Layer, Pair, Recorder, find_layers, layer_direct, layer_factors, positions
 from .fallback import Fallback
 from .inputs import SampleInputs
 from .options import Options, check_targets_against_outputs, given_targets, predicted_targets
@@ -55,6 +55,7 @@ class Factors:
         n: samples in the block.
         A, D: per pair ``(n, T, d_in)`` / ``(n, T, d_out)`` (D scaled by ``scale``).
         fallback: per fallback parameter ``(n, numel)`` (scaled by ``scale``).
+        direct: per parameter index of a direct layer, ``(n, numel)`` (scaled by ``scale``).
         scale: ``(n,)`` float64 powers of two ``s_i`` (ones without scaling).
         targets: the block's targets (the labels used).
     """
@@ -65,13 +66,14 @@ class Factors:
     fallback: list[torch.Tensor]
     scale: torch.Tensor
     targets: torch.Tensor
+    direct: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
 class Segment:
     p_start: int
     size: int
-    kind: str  # "w", "b" (of a pair) or "f" (a fallback parameter)
+    kind: str  # "w", "b" (of a pair), "f" (a fallback parameter), "p" (a direct parameter)
     index: int
     col: int = 0
 
@@ -157,11 +159,16 @@ class Engine:
         self._probe()
         work.n = self.n
         self.work = work
-        self.ghost = choose_forms(self.pairs, work, opts.strategy)
+        direct_ok = [self.layers[q.layer].rule.has_direct for q in self.pairs]
+        self.ghost = choose_forms(self.pairs, work, opts.strategy, direct_ok)
+        for layer in self.layers:  # materialised layers with a direct rule skip the factors
+            if layer.pairs and layer.rule.has_direct:
+                layer.direct = not any(self.ghost[j] for j in layer.pairs)
         self.layout = self._layout(self.ghost)
         self.block_size = block_size(
             self.n, opts.memory_budget, self.elem, self.act_elems,
-            sum(q.T * (q.d_in + q.d_out) for q in self.pairs),
+            sum(q.T * (q.d_in + q.d_out) for q in self.pairs
+                if not self.layers[q.layer].direct),
             sum(self.params[i].numel() for i in self.fb), self.layout.width, opts.block_size)
 
     # ------------------------------------------------------------------------- set-up
@@ -237,7 +244,13 @@ class Engine:
 
     def _layout(self, ghost: list[bool]) -> Layout:
         segs = []
+        for layer in self.layers:
+            if layer.direct:
+                for i in layer.params:
+                    segs.append(Segment(self.offsets[i], self.params[i].numel(), "p", i))
         for j, q in enumerate(self.pairs):
+            if self.layers[q.layer].direct:
+                continue
             if not ghost[j]:
                 segs.append(Segment(q.w_offset, q.p_weight, "w", j))
                 if q.has_bias:
@@ -271,34 +284,47 @@ class Engine:
             y = self.given[start:stop]
         A: list[torch.Tensor | None] = [None] * len(self.pairs)
         D: list[torch.Tensor | None] = [None] * len(self.pairs)
+        direct: dict[int, torch.Tensor] = {}
         tensors = [r.out for recs in records for r in recs]
         if tensors:
             total = self.loss.per_sample(out, y).sum()
             grads = iter(torch.autograd.grad(total, tensors, allow_unused=True))
             del total, out
             for i, layer in enumerate(self.layers):
-                if records[i]:
+                if not records[i]:
+                    continue
+                if layer.direct:
+                    layer_direct(layer, records[i], grads, direct)
+                else:
                     layer_factors(self.fn, layer, self.pairs, records[i], grads, nb, A, D)
+            del records, tensors
         else:
             del out
+        for layer in self.layers:
+            if layer.direct:
+                for i in layer.params:
+                    if i not in direct:  # the layer did not run (or had no gradient)
+                        direct[i] = torch.zeros(nb, self.params[i].numel(), dtype=self.dtype,
+                                                device=self.device)
         for j, q in enumerate(self.pairs):
-            if A[j] is None:  # the layer did not run on this block
+            if A[j] is None and not self.layers[q.layer].direct:  # the layer did not run
                 A[j] = torch.zeros(nb, q.T, q.d_in, dtype=self.dtype, device=self.device)
                 D[j] = torch.zeros(nb, q.T, q.d_out, dtype=self.dtype, device=self.device)
         fb = self.fallback(part, y) if self.fallback is not None else []
-        scale = self._scale(nb, D, fb) if self.scaled else torch.ones(
+        dl = list(direct.values())
+        scale = self._scale(nb, D, fb, dl) if self.scaled else torch.ones(
             nb, dtype=torch.float64, device=self.device)
-        return Factors(nb, A, D, fb, scale, y)
+        return Factors(nb, A, D, fb, scale, y, dict(zip(direct, dl)))
 
-    def _scale(self, nb: int, D: list, fb: list) -> torch.Tensor:
+    def _scale(self, nb: int, D: list, fb: list, dl: list) -> torch.Tensor:
         """Scale each sample's D and fallback rows by a power of two; returns ``s`` (float64).
 
         ``s_i = 2^-e_i`` with ``peak_i = m 2^e_i``, ``m`` in [0.5, 1), so the scaled peaks lie in
         [0.5, 1); ``e_i`` is clipped to keep ``s_i`` a normal number of the dtype. Zero and
         non-finite peaks keep ``s_i = 1`` (zeros stay zero, NaN stays NaN)."""
         peak = None
-        for t in [*D, *fb]:
-            if t.numel():
+        for t in [*D, *fb, *dl]:
+            if t is not None and t.numel():
                 r = t.reshape(nb, -1)
                 m = torch.maximum(r.amax(1), r.amin(1).neg_())  # max |t| without an |t| copy
                 peak = m if peak is None else torch.maximum(peak, m)
@@ -312,9 +338,10 @@ class Engine:
         lim = 126 if self.dtype == torch.float32 else 1022  # s stays a normal number
         e = torch.where(torch.isfinite(peak) & (peak > 0), e.clamp(-lim, lim), 0)
         s = torch.ldexp(torch.ones(nb, dtype=self.dtype, device=self.device), -e)
-        for lst in (D, fb):
+        for lst in (D, fb, dl):
             for j, t in enumerate(lst):
-                lst[j] = t * s.view(nb, *([1] * (t.dim() - 1)))
+                if t is not None:
+                    lst[j] = t * s.view(nb, *([1] * (t.dim() - 1)))
         return torch.ldexp(torch.ones(nb, dtype=torch.float64, device=self.device),
                            -e.to(torch.int64))
 
@@ -328,6 +355,9 @@ class Engine:
             cols = buf[:, s.col : s.col + s.size]
             if s.kind == "f":
                 cols.copy_(f.fallback[s.index])
+                continue
+            if s.kind == "p":
+                cols.copy_(f.direct[s.index])
                 continue
             q = self.pairs[s.index]
             a, d = f.A[s.index], f.D[s.index]
