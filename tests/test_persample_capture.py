@@ -19,7 +19,17 @@ from torch import nn
 
 import hbkernels as hbk
 from hbkernels.params import trainable_parameters
-from hbkernels.persample.capture import RULES, ConvRule, LinearRule, find_layers
+from hbkernels.persample.capture import (
+    RULES,
+    ConvRule,
+    EmbeddingRule,
+    LinearRule,
+    NormRule,
+    find_layers,
+)
+from hbkernels.persample.engine import Engine
+from hbkernels.persample.options import parse_options
+from hbkernels.persample.planning import Work
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,6 +37,118 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_rules_cover_linear_and_convolutions():
     assert isinstance(RULES[nn.Linear], LinearRule)
     assert isinstance(RULES[nn.Conv1d], ConvRule) and isinstance(RULES[nn.Conv2d], ConvRule)
+    assert isinstance(RULES[nn.Embedding], EmbeddingRule)
+    for kind in (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm):
+        assert isinstance(RULES[kind], NormRule)
+
+
+def _engine(model, X, **work):
+    return Engine("t", model, X, parse_options("t", {}), Work(**work))
+
+
+@pytest.mark.parametrize("conv", [
+    lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1),
+    lambda: nn.Conv2d(4, 6, 3, dilation=2, padding="same", groups=2, padding_mode="reflect"),
+    lambda: nn.Conv1d(4, 6, 3, padding=1, padding_mode="circular", groups=2),
+], ids=["conv2d-stride", "conv2d-groups-reflect", "conv1d-circular-groups"])
+def test_conv_direct_gradients_equal_the_factor_product(conv):
+    """The grouped-convolution backward gives sum_t d_t a_t^T of the unfolded patches."""
+    torch.manual_seed(3)
+    m = conv().double()
+    x = torch.randn(3, 4, 7) if isinstance(m, nn.Conv1d) else torch.randn(3, 4, 7, 8)
+    x = x.double()
+    g = torch.randn_like(m(x))
+    rule = RULES[type(m)]
+    gw, gb = rule.direct(m, x, g)
+    a, d = rule.factors(m, x, g)
+    G = m.groups
+    di, do = a.shape[2] // G, d.shape[2] // G
+    ref = torch.cat([torch.bmm(d[..., i * do:(i + 1) * do].transpose(1, 2),
+                               a[..., i * di:(i + 1) * di]).reshape(3, -1) for i in range(G)], 1)
+    torch.testing.assert_close(gw, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gb, d.sum(1), rtol=1e-12, atol=1e-12)
+
+
+def test_materialised_convolutions_are_direct_and_ghost_ones_factored():
+    torch.manual_seed(4)
+    model = lenet5().double()
+    X = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    eng = _engine(model, X, norms=True, k=3, gram=True)
+    assert [layer.direct for layer in eng.layers] == [True, True, False, False, False]
+    assert {s.kind for s in eng.layout.segments} == {"p"}  # conv weights and biases
+    eng = Engine("t", model, X, parse_options("t", {"strategy": "ghost"}), Work(norms=True))
+    assert not any(layer.direct for layer in eng.layers)
+
+
+def test_norm_layers_and_embeddings_need_no_fallback(dtype):
+    """BatchNorm (eval) on (n, C) and (n, C, L), LayerNorm over two dims and without bias,
+    GroupNorm, Embedding with padding_idx: all by rules, against vmap(grad)."""
+    torch.manual_seed(6)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 4, padding_idx=2)
+            self.bn1 = nn.BatchNorm1d(5)
+            self.conv = nn.Conv1d(5, 6, 2)
+            self.gn = nn.GroupNorm(3, 6)
+            self.bn2 = nn.BatchNorm1d(6)
+            self.ln = nn.LayerNorm((6, 3))
+            self.ln2 = nn.LayerNorm(18, bias=False)
+            self.head = nn.Linear(18, 3)
+
+        def forward(self, ids):
+            h = self.emb(ids)  # (n, 5, 4): 5 channels of length 4
+            h = torch.tanh(self.gn(self.conv(self.bn1(h))))  # (n, 6, 3)
+            h = self.ln(self.bn2(h)).flatten(1)
+            return self.head(torch.tanh(self.ln2(h)))
+
+    model = Net().to(dtype).eval()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+        for q in model.parameters():
+            q.add_(0.1 * torch.randn_like(q))
+    ids = torch.randint(0, 7, (6, 5))
+    ids[0, 0] = 2  # a padding token
+    eng = _engine(model, ids, norms=True)
+    assert eng.fb == []
+    check_all(model, ids, block_size=4, k=3)
+
+
+def test_embedding_of_single_tokens_and_fallback_cases():
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Embedding(6, 3), nn.Tanh(), nn.Linear(3, 3)).double()
+    ids = torch.randint(0, 6, (5,))
+    assert _engine(model, ids, norms=True).fb == []
+    check_all(model, ids, block_size=3, k=2)
+    # max_norm renormalises the weight in the forward: the fallback handles it.
+    model = nn.Sequential(nn.Embedding(6, 3, max_norm=1.0), nn.Tanh(), nn.Linear(3, 3)).double()
+    assert _engine(model, ids, norms=True).fb == [0]
+
+
+def test_direct_layers_with_frozen_bias_and_reuse(dtype):
+    """A conv with a frozen bias (its gradient dropped) and one conv applied twice (summed)."""
+    torch.manual_seed(10)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(2, 2, 3, padding=1)
+            self.c2 = nn.Conv2d(2, 3, 3)
+            self.head = nn.Linear(3 * 16, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.c2(torch.tanh(self.c1(torch.tanh(self.c1(x))))))
+                             .flatten(1))
+
+    model = Twice().to(dtype)
+    model.c2.bias.requires_grad_(False)
+    X = torch.randn(5, 2, 6, 6, dtype=dtype)
+    check_all(model, X, block_size=3, k=3)
+    eng = _engine(model, X, norms=True, k=2)
+    assert eng.fb == [] and eng.layers[1].bias_dropped
 
 
 @pytest.mark.parametrize("make, x_shape", [
