@@ -547,6 +547,10 @@ def random_direction_threshold(
     """
     r = random_directions(num_params(model), num_directions, seed, dtype=_model_dtype(model))
     a = gradient_alignment(model, inputs, r, labels=labels, targets=targets, loss=loss)
+    return _threshold(a, num_directions, seed)
+
+
+def _threshold(a: torch.Tensor, num_directions: int, seed: int) -> Threshold:
     per = threshold_from_alignments(a).double()
     return Threshold(eps=float(per.mean()), per_direction=[float(v) for v in per],
                      num_directions=num_directions, seed=seed)
@@ -866,14 +870,16 @@ def analyze(
                                     dtype=None)
     secs["spectrum"] = spectrum.seconds
     t1 = time.perf_counter()
-    eps = random_direction_threshold(m, X, num_directions=num_directions, seed=eps_seed,
-                                     loss=loss_name)
-    secs["threshold"] = time.perf_counter() - t1
-    t2 = time.perf_counter()
-    vecs = spectrum.eigenvectors
-    a_all = gradient_alignment(m, X, vecs, labels="pred", loss=loss_name, quiet=quiet)
-    secs["alignment"] = time.perf_counter() - t2
-    norms = hbk.gradient_norms(m, X, labels="pred", loss=loss_name)
+    # One per-sample pass: eigenvector and random-direction alignments and the norms together.
+    dtype, device = _model_dtype(m), _model_device(m)
+    rand = random_directions(num_params(m), num_directions, eps_seed, dtype=dtype)
+    vecs = spectrum.eigenvectors.to(device=device, dtype=dtype)
+    prod = hbk.per_sample_products(m, X, norms=True, vectors={"eig": vecs, "rand": rand.to(device)},
+                                   labels="pred", loss=loss_name, quiet=quiet)
+    a_all = prod.alignment["eig"].detach().cpu()
+    eps = _threshold(prod.alignment["rand"].detach().cpu(), num_directions, eps_seed)
+    norms = prod.norms
+    secs["per_sample"] = time.perf_counter() - t1  # the threshold and alignments: one pass
     zero_frac = float((norms == 0).double().mean())
     trace = spectrum.trace
     reason = None
