@@ -65,7 +65,8 @@ def test_mnist_cnn_matches_vmap():
 
 
 def test_transformer_with_embedding_layernorm_attention(dtype):
-    """Embedding, LayerNorm and attention parameters go through the torch.func fallback."""
+    """Embedding (one-hot pair) and LayerNorm (direct rule) by rules; the attention's in/out
+    projections (used functionally) through the torch.func fallback."""
     torch.manual_seed(5)
     model = TinyTransformer().to(dtype).eval()
     ids = torch.randint(0, 11, (5, 4))

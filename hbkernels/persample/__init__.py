@@ -4,9 +4,11 @@ Modules, one job each:
 
 * :mod:`.inputs`: the samples (tensor, tuple or dict batches; a ``forward`` adapter);
 * :mod:`.options`: the one keyword-only option set, validated once;
-* :mod:`.capture`: one factor rule per layer kind (Linear, Conv1d, Conv2d) and the hooked
-  forward pass;
-* :mod:`.planning`: the cost model (ghost or materialised per pair) and block sizes;
+* :mod:`.capture`: one rule per layer kind (factors: Linear, Conv1d, Conv2d, Embedding; direct
+  per-sample gradients: Conv1d/Conv2d as one grouped convolution backward, BatchNorm in eval,
+  LayerNorm, GroupNorm) and the hooked forward pass;
+* :mod:`.planning`: the cost model (ghost or materialised per pair, with the measured rate of
+  the direct convolution gradients) and block sizes;
 * :mod:`.fallback`: ``torch.func`` per-sample gradients for every other parameter;
 * :mod:`.engine`: the engine of one call (complete after construction) and the scaling that
   keeps norms and cosines free of underflow;
