@@ -1,19 +1,19 @@
-"""Hessian operators against torch.autograd.functional.hessian; trace and density on known spectra."""
+"""HessianOperator, GGNOperator, eigenpairs and exact matrices against torch.autograd ground
+truth; the data forms, the loss reductions and the determinism refusals end to end.
+(The per-method matrix is tests/test_hvp.py; trace and density tests/test_estimators.py.)"""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close_scaled
 from torch import nn
 from torch.func import functional_call
 
 import hbkernels as hbk
 from hbkernels.params import flatten_params
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -248,88 +248,19 @@ def test_exact_hessian_refuses_what_does_not_fit() -> None:
         hbk.exact_hessian(model, F.cross_entropy, (X, y), memory_budget=p * p * 8 - 1)
 
 
-# ----------------------------------------------------------------------------- trace, density
-def known_matrix(n=60, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    evals = torch.cat([torch.tensor([50.0, 30.0, 20.0, 10.0], dtype=torch.float64),
-                       0.1 * torch.randn(n - 4, generator=g, dtype=torch.float64)])
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    return (Q * evals) @ Q.T, evals
-
-
-def test_trace_estimators() -> None:
-    A, evals = known_matrix()
-    tr = float(evals.sum())
-    op = hbk.MatrixOperator(A)
-    pp = hbk.hessian_trace(op, num_probes=30, seed=0)
-    assert pp.num_matvecs == 30 and op.num_matvecs == 30
-    # Hutch++ removes the 4 outliers exactly: its error is that of the small bulk
-    assert abs(pp.estimate - tr) < 4 * pp.std_error + 1e-9 and abs(pp.estimate - tr) < 1.0
-    hu = hbk.hessian_trace(A, num_probes=200, method="hutchinson", seed=0, block_size=64)
-    assert abs(hu.estimate - tr) < 4 * hu.std_error
-    # a sketch that spans everything makes Hutch++ exact
-    exact = hbk.hessian_trace(op, num_probes=3 * 60, seed=1)
-    assert exact.estimate == pytest.approx(tr, abs=1e-9)
-    assert hbk.hessian_trace(op, num_probes=30, seed=0).estimate == pp.estimate  # seeded
-    assert json.loads(json.dumps(pp.to_dict()))["method"] == "hutch++"
-
-
-def test_trace_of_hessian_operator() -> None:
-    model = mlp()
-    X, y = cls_data(23)
-    H = reference_hessian(model, F.cross_entropy, [(X, y)])
-    op = hbk.HessianOperator(model, F.cross_entropy, (X, y))
-    res = hbk.hessian_trace(op, num_probes=3 * op.dim, seed=0, block_size=50)
-    assert res.estimate == pytest.approx(float(H.trace()), rel=1e-9)
-
-
-def test_spectral_density_known_spectrum() -> None:
-    A, evals = known_matrix(n=40)
-    # m = dim Lanczos steps: Gauss quadrature is exact, the nodes are the eigenvalues
-    sigma = 0.5
-    d = hbk.spectral_density(A, num_probes=200, lanczos_steps=40, sigma=sigma, seed=0, block_size=100)
-    assert d.num_matvecs == 200 * 40
-    torch.testing.assert_close(d.weights.sum(1), torch.ones(200, dtype=torch.float64), atol=1e-10, rtol=0)
-    heavy = d.weights > 1e-8
-    dist = (d.nodes[heavy][:, None] - evals[None]).abs().min(1).values
-    assert dist.max() < 1e-8
-    grid = d.grid
-    true = torch.exp(-0.5 * ((grid[:, None] - evals[None]) / sigma) ** 2).sum(1) / (
-        len(evals) * sigma * np.sqrt(2 * np.pi))
-    dx = float(grid[1] - grid[0])
-    assert float(d.density.sum() * dx) == pytest.approx(1.0, abs=1e-3)
-    assert float((d.density - true).abs().sum() * dx) < 0.1  # L1 distance of two densities
-    # the first moment is tr(A) / n
-    mean = float((d.density * grid).sum() * dx)
-    assert mean == pytest.approx(float(evals.mean()), abs=0.2)
-
-
-def test_spectral_density_few_steps_and_hessian() -> None:
-    model = mlp()
-    X, y = cls_data(23)
-    H = reference_hessian(model, F.cross_entropy, [(X, y)])
-    op = hbk.HessianOperator(model, F.cross_entropy, (X, y))
-    d = hbk.spectral_density(op, num_probes=8, lanczos_steps=15, seed=0, grid=300, quiet=False)
-    ev = torch.linalg.eigvalsh(H)
-    # extreme Ritz values converge first: the outermost nodes are near the extreme eigenvalues
-    assert abs(float(d.nodes.max()) - float(ev[-1])) < 1e-3 * float(ev.abs().max())
-    assert d.grid.shape == (300,) and (d.density >= 0).all()
-    assert json.loads(json.dumps(d.to_dict()))["sigma"] == d.sigma
-
-
 # ----------------------------------------------------------------------------- validation
 def test_validation_errors() -> None:
     model = mlp()
     X, y = cls_data(5)
     with pytest.raises(TypeError, match="hbk.HessianOperator: expected model to be a torch.nn.Module"):
         hbk.HessianOperator(lambda x: x, F.cross_entropy, (X, y))
-    with pytest.raises(TypeError, match="expected loss_fn to be callable"):
+    with pytest.raises(TypeError, match="hbk.HessianOperator: expected loss to be an nn.Module loss"):
         hbk.HessianOperator(model, 3, (X, y))
     with pytest.raises(ValueError, match="expected method to be one of"):
         hbk.HessianOperator(model, F.cross_entropy, (X, y), method="fast")
     with pytest.raises(TypeError, match="expected data to be"):
         hbk.HessianOperator(model, F.cross_entropy, 3)
-    with pytest.raises(ValueError, match="same nonzero number of rows"):
+    with pytest.raises(ValueError, match="outputs and targets of batch 0 with the same number of rows"):
         hbk.HessianOperator(model, F.cross_entropy, [(X, y[:3])])
     with pytest.raises(ValueError, match="expected params to be trainable parameters of model"):
         hbk.HessianOperator(model, F.cross_entropy, (X, y), params=[nn.Parameter(torch.ones(2))])
@@ -340,12 +271,8 @@ def test_validation_errors() -> None:
     op = hbk.HessianOperator(model, F.cross_entropy, (X, y))
     with pytest.raises(ValueError, match=r"hbk.HessianOperator: expected shape \("):
         op.matvec(torch.ones(3, dtype=torch.float64))
-    with pytest.raises(TypeError, match="hbk.hessian_trace: expected an operator"):
-        hbk.hessian_trace(object())
-    with pytest.raises(ValueError, match="expected method 'hutch\\+\\+' or 'hutchinson'"):
-        hbk.hessian_trace(op, method="exact")
-    with pytest.raises(ValueError, match="expected lanczos_steps <= dim"):
-        hbk.spectral_density(op, lanczos_steps=op.dim + 1)
+    with pytest.raises(ValueError, match=r"hbk.HessianOperator.columns: expected j1 <= "):
+        op.columns(0, op.dim + 1)
     with pytest.raises(ValueError, match="hbk.MatrixOperator: expected a square matrix"):
         hbk.MatrixOperator(torch.ones(2, 3))
 
@@ -417,13 +344,13 @@ def test_linear_chain_not_used_for_other_models() -> None:
     model = SmallCNN().double()
     X = torch.randn(4, 1, 8, 8, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 0])
-    assert hbk.HessianOperator(model, F.cross_entropy, (X, y)).methods_used == {}
+    assert hbk.HessianOperator(model, F.cross_entropy, (X, y)).method == "double_backward"
     with pytest.raises(ValueError, match="expected a Linear/activation chain for method='linear_chain'"):
         hbk.HessianOperator(model, F.cross_entropy, (X, y), method="linear_chain")
     seq = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)).double()  # unsupported activation
     Xs, ys = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1])
     op = hbk.HessianOperator(seq, F.cross_entropy, (Xs, ys))
-    assert op.methods_used == {}
+    assert op.method == "double_backward"
     H = reference_hessian(seq, F.cross_entropy, [(Xs, ys)])
     torch.testing.assert_close(hbk.exact_hessian(seq, F.cross_entropy, (Xs, ys)), H, atol=1e-12, rtol=1e-9)
 
@@ -437,3 +364,194 @@ def test_linear_chain_cross_entropy_modules(loss_fn) -> None:
     op = hbk.HessianOperator(model, loss_fn, (X, y))
     assert op.methods_used["block"] == "linear_chain"
     torch.testing.assert_close(op.columns(0, op.dim), H, atol=1e-12, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------- reductions (bug a)
+@pytest.mark.parametrize("method", ["double_backward", "forward_over_reverse", "linear_chain"])
+@pytest.mark.parametrize("loss_fn", [nn.MSELoss(reduction="sum"), nn.CrossEntropyLoss(reduction="sum"),
+                                     "sum_callable"], ids=["mse_sum", "ce_sum", "callable_sum"])
+def test_sum_reduction_over_several_batches(loss_fn, method) -> None:
+    """Bug (a): a "sum" loss over uneven batches was weighted n_b / N like a mean (37-64 % off)."""
+    model = mlp()
+    X, y = cls_data(23)
+    Y = torch.randn(23, 4, dtype=torch.float64)
+    if loss_fn == "sum_callable":
+        loss_fn = lambda o, t: F.cross_entropy(o, t, reduction="sum")
+    target = Y if isinstance(loss_fn, nn.MSELoss) else y
+    batches = [(X[:4], target[:4]), (X[4:15], target[4:15]), (X[15:], target[15:])]
+    H = reference_hessian(model, loss_fn, [(X, target)])  # the whole sum: weight 1
+    op = hbk.HessianOperator(model, loss_fn, batches, method=method)
+    assert op.objective.loss.reduction == "sum"
+    V = torch.randn(op.dim, 3, dtype=torch.float64)
+    torch.testing.assert_close(op @ V, H @ V, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(hbk.exact_hessian(model, loss_fn, batches, method=method), H,
+                               atol=1e-10, rtol=1e-9)
+
+
+def test_callable_reduction_stated_or_refused() -> None:
+    model = mlp()
+    X, y = cls_data(12)
+    op = hbk.HessianOperator(model, lambda o, t: F.cross_entropy(o, t, reduction="sum") / 3.0, (X, y),
+                             reduction="sum")
+    assert op.objective.loss.reduction == "sum"
+    with pytest.raises(ValueError, match="pass reduction='mean' or reduction='sum'"):
+        hbk.HessianOperator(model, lambda o, t: F.cross_entropy(o, t, reduction="sum") ** 0.5, (X, y))
+
+
+# ----------------------------------------------------------------------------- determinism (bug b, c)
+def test_active_dropout_is_refused() -> None:
+    """Bug (b): active dropout made exact_hessian and hessian_eigs random (two calls differed)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 4)).double()
+    X, y = cls_data(15)
+    for call in (lambda: hbk.HessianOperator(model, F.cross_entropy, (X, y)),
+                 lambda: hbk.exact_hessian(model, F.cross_entropy, (X, y)),
+                 lambda: hbk.hessian_eigs(model, F.cross_entropy, (X, y), k=2)):
+        with pytest.raises(ValueError, match="active Dropout '2' .*call model.eval\\(\\)"):
+            call()
+    model.eval()
+    H = reference_hessian(model, F.cross_entropy, [(X, y)])
+    torch.testing.assert_close(hbk.exact_hessian(model, F.cross_entropy, (X, y)), H, atol=1e-12, rtol=1e-9)
+    # opting out differentiates the random draws (no refusal)
+    model.train()
+    hbk.HessianOperator(model, F.cross_entropy, (X, y), check_deterministic=False)
+
+
+def test_random_forward_is_refused() -> None:
+    X, y = cls_data(15)
+    model = mlp()
+
+    def noisy(m, batch):
+        x, t = batch
+        return m(x + 0.1 * torch.randn_like(x)), t
+
+    with pytest.raises(ValueError, match="expected a deterministic objective"):
+        hbk.HessianOperator(model, F.cross_entropy, [(X, y)], forward=noisy)
+
+
+def test_shuffling_loader_refused_and_loaders_streamed() -> None:
+    """Bug (c): a shuffling or drop_last loader was materialised once, silently; two operators
+    from the same loader then differed by 27 %. Now a shuffling loader is refused and every
+    product streams the loader (drop_last: the Hessian of the samples it yields)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = mlp()
+    X, y = cls_data(23)
+    ds = TensorDataset(X, y)
+    with pytest.raises(ValueError, match="shuffle=False.*allow_shuffle=True"):
+        hbk.HessianOperator(model, F.cross_entropy, DataLoader(ds, batch_size=5, shuffle=True))
+    loader = DataLoader(ds, batch_size=5, drop_last=True)  # 20 of the 23 samples
+    H = reference_hessian(model, F.cross_entropy, [(X[:20], y[:20])])
+    ops = [hbk.HessianOperator(model, F.cross_entropy, loader, method=m)
+           for m in ("double_backward", "forward_over_reverse", "auto")]
+    assert not ops[0].objective.data.in_memory and ops[0].num_samples == 20
+    V = torch.randn(ops[0].dim, 2, dtype=torch.float64)
+    for op in ops:
+        torch.testing.assert_close(op @ V, H @ V, atol=1e-12, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------- data forms
+def test_dict_batches_and_custom_forward() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 5), nn.Linear(2, 5)
+            self.out = nn.Linear(5, 4)
+
+        def forward(self, x, extra):
+            return self.out(torch.tanh(self.a(x) + self.b(extra)))
+
+    torch.manual_seed(0)
+    model = Net().double()
+    X, y = cls_data(14)
+    E = torch.randn(14, 2, dtype=torch.float64)
+    named = dict(model.named_parameters())
+    shapes, numels = [p.shape for p in named.values()], [p.numel() for p in named.values()]
+
+    def f(theta):
+        d = {n: t.view(s) for n, t, s in zip(named, torch.split(theta, numels), shapes)}
+        return F.cross_entropy(functional_call(model, d, (X, E)), y)
+
+    H = torch.autograd.functional.hessian(f, flatten_params(model))
+    dicts = [{"x": X[:6], "extra": E[:6], "labels": y[:6]}, {"x": X[6:], "extra": E[6:], "labels": y[6:]}]
+    tuples = [(X[:6], E[:6], y[:6]), (X[6:], E[6:], y[6:])]
+
+    class Out:  # a HF-style output object
+        def __init__(self, logits):
+            self.logits = logits
+
+    def forward(m, batch):
+        return Out(m(batch["inp"][0], batch["inp"][1])).logits, batch["y"]
+
+    custom = [{"inp": (X[:9], E[:9]), "y": y[:9]}, {"inp": (X[9:], E[9:]), "y": y[9:]}]
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64)
+    for data, kw in ((dicts, {}), (tuples, {}), (custom, {"forward": forward})):
+        for method in ("double_backward", "forward_over_reverse"):
+            op = hbk.HessianOperator(model, "ce", data, method=method, **kw)
+            torch.testing.assert_close(op @ V, H @ V, atol=1e-12, rtol=1e-10)
+    with pytest.raises(ValueError, match="exactly one target key"):
+        hbk.HessianOperator(model, "ce", [{"x": X, "extra": E}])
+
+
+def test_mse_forward_over_reverse() -> None:
+    """Bug (d): method="forward_over_reverse" failed with "ZeroTensors are immutable" on MSE."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    X, _ = cls_data(12)
+    Y = torch.randn(12, 2, dtype=torch.float64)
+    H = reference_hessian(model, F.mse_loss, [(X, Y)])
+    for loss_fn in (F.mse_loss, nn.MSELoss(), lambda o, t: F.mse_loss(o, t)):
+        op = hbk.HessianOperator(model, loss_fn, (X, Y), method="forward_over_reverse", reduction="mean")
+        E = torch.eye(op.dim, dtype=torch.float64)
+        torch.testing.assert_close(op @ E, H, atol=1e-12, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------- Gauss-Newton
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("loss", ["ce", "mse", "bce", "nll"])
+@pytest.mark.parametrize("model_name", ["mlp_relu", "mlp_tanh", "cnn", "seq", "bn_eval"])
+def test_ggn_against_its_definition(model_name, loss, reduction) -> None:
+    """G = J^T H_out J with J from torch.autograd.functional.jacobian, over uneven batches."""
+    from curvature_refs import LOSSES, data_for, problem, reference_ggn
+
+    G = reference_ggn(model_name, loss, reduction)
+    model, X, y = problem(model_name, loss)
+    methods = ["jvp_vjp"] + (["linear_chain"] if model_name.startswith("mlp") and loss != "nll" else [])
+    for method in methods:
+        op = hbk.GGNOperator(model, LOSSES[loss](reduction=reduction), data_for(X, y, "several"),
+                             method=method)
+        assert op.method == method
+        Gx = hbk.exact_ggn(model, LOSSES[loss](reduction=reduction), data_for(X, y, "several"),
+                           method=method)
+        assert_close_scaled(Gx, G, rtol=1e-9)
+        V = torch.randn(op.dim, 2, dtype=torch.float64)
+        assert_close_scaled(op @ V, G @ V, rtol=1e-9)
+
+
+def test_ggn_eigs_and_psd() -> None:
+    from curvature_refs import problem, reference_ggn
+
+    G = reference_ggn("mlp_tanh", "ce", "mean")
+    model, X, y = problem("mlp_tanh", "ce")
+    res = hbk.ggn_eigs(model, "ce", (X, y), k=3, tol=1e-10, seed=0)
+    ev = torch.linalg.eigvalsh(G)
+    assert ev.min() > -1e-12  # positive semi-definite for a convex loss
+    torch.testing.assert_close(res.eigenvalues, ev.flip(0)[:3], atol=1e-9, rtol=1e-8)
+    assert res.extra["operator"] == "GGNOperator" and res.extra["hvp_methods"]["block"] == "linear_chain"
+    op = hbk.GGNOperator(model, "ce", (X, y), method="jvp_vjp")
+    torch.testing.assert_close(hbk.eigs(op, 3, tol=1e-10, seed=0).eigenvalues, ev.flip(0)[:3],
+                               atol=1e-9, rtol=1e-8)
+    with pytest.raises(TypeError, match="hbk.eigs: expected a LinearOperator"):
+        hbk.eigs(G, 3)
+
+
+@pytest.mark.parametrize("method", ["linear_chain", "double_backward"])
+def test_ignored_targets_with_a_sum_loss(method) -> None:
+    """ignore_index rows have no curvature: the chain's closed form is declined for them."""
+    model = mlp()
+    X, y = cls_data(13)
+    y[[0, 5]] = -100
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    H = reference_hessian(model, loss_fn, [(X, y)])  # weight 1 for one batch
+    Hx = hbk.exact_hessian(model, loss_fn, [(X[:6], y[:6]), (X[6:], y[6:])], method=method)
+    torch.testing.assert_close(Hx, H, atol=1e-12, rtol=1e-9)

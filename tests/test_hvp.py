@@ -10,11 +10,21 @@ Hessian of the loss over all samples at once (reduction "mean": the mean over al
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from conftest import assert_close_scaled
+from curvature_refs import (
+    CHAIN_MODELS,
+    LOSSES,
+    MODELS,
+    C,
+    data_for,
+    make_inputs,
+    make_model,
+    make_targets,
+    problem,
+    reference,
+)
 from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -24,101 +34,6 @@ from hbkernels.hvp import LinearChain, find_chain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-N, C = 10, 3
-SPLITS = [(0, 2), (2, 7), (7, 10)]
-
-
-class SeqModel(nn.Module):
-    """Embedding + LayerNorm + multi-head attention, mean pooling, a linear head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(7, 6)
-        self.norm = nn.LayerNorm(6)
-        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
-        self.fc = nn.Linear(6, C)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.norm(self.emb(tokens))
-        h = h + self.attn(h, h, h, need_weights=False)[0]
-        return self.fc(h.mean(1))
-
-
-def make_model(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    if name == "mlp_relu":
-        m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, C))
-    elif name == "mlp_tanh":
-        m = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, C))
-    elif name == "cnn":
-        m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, C))
-    elif name == "seq":
-        m = SeqModel()
-    else:  # BatchNorm with non-trivial running statistics, in eval mode
-        m = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, C))
-        m[1].running_mean.uniform_(-0.5, 0.5)
-        m[1].running_var.uniform_(0.5, 2.0)
-        m[1].weight.data.uniform_(0.5, 1.5)
-        m[1].bias.data.uniform_(-0.5, 0.5)
-    return m.double().eval()
-
-
-def make_inputs(name: str) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    if name == "cnn":
-        return torch.randn(N, 1, 6, 6, generator=g, dtype=torch.float64)
-    if name == "seq":
-        return torch.randint(0, 7, (N, 4), generator=g)
-    return torch.randn(N, 4, generator=g, dtype=torch.float64)
-
-
-def make_targets(loss: str) -> torch.Tensor:
-    g = torch.Generator().manual_seed(2)
-    if loss in ("ce", "nll"):
-        return torch.randint(0, C, (N,), generator=g)
-    if loss == "bce":
-        return torch.randint(0, 2, (N, C), generator=g).double()
-    return torch.randn(N, C, generator=g, dtype=torch.float64)
-
-
-LOSSES = {"ce": nn.CrossEntropyLoss, "mse": nn.MSELoss, "bce": nn.BCEWithLogitsLoss, "nll": nn.NLLLoss}
-
-
-def problem(model_name: str, loss: str):
-    """(model, X, y): NLL gets the model's log-probabilities."""
-    model = make_model(model_name)
-    if loss == "nll":
-        model = nn.Sequential(model, nn.LogSoftmax(-1)).eval()
-    return model, make_inputs(model_name), make_targets(loss)
-
-
-@functools.cache
-def reference(model_name: str, loss: str, reduction: str) -> tuple[torch.Tensor, float]:
-    """(Hessian, loss value) of the loss over all N samples, float64."""
-    model, X, y = problem(model_name, loss)
-    loss_fn = LOSSES[loss](reduction=reduction)
-    named = dict(model.named_parameters())
-    shapes = [p.shape for p in named.values()]
-    numels = [p.numel() for p in named.values()]
-    buffers = dict(model.named_buffers())
-
-    def f(theta: torch.Tensor) -> torch.Tensor:
-        d = {n: t.view(s) for n, t, s in zip(named, torch.split(theta, numels), shapes)}
-        return loss_fn(functional_call(model, {**d, **buffers}, (X,)), y)
-
-    theta0 = torch.cat([p.detach().reshape(-1) for p in named.values()])
-    with sdpa_kernel(SDPBackend.MATH):
-        H = torch.autograd.functional.hessian(f, theta0)
-        value = float(f(theta0))
-    return H, value
-
-
-def data_for(X: torch.Tensor, y: torch.Tensor, batches: str):
-    return (X, y) if batches == "one" else [(X[a:b], y[a:b]) for a, b in SPLITS]
-
-
-MODELS = ["mlp_relu", "mlp_tanh", "cnn", "seq", "bn_eval"]
-CHAIN_MODELS = ("mlp_relu", "mlp_tanh")
 
 
 def cells():
@@ -258,7 +173,8 @@ def test_transformer_encoder_layer_in_eval(method) -> None:
         return nn.functional.cross_entropy(functional_call(model, d, (tokens,)), y)
 
     with sdpa_kernel(SDPBackend.MATH):
-        H = torch.autograd.functional.hessian(f, torch.cat([p.detach().reshape(-1) for p in named.values()]))
+        H = torch.autograd.functional.hessian(
+            f, torch.cat([p.detach().reshape(-1) for p in named.values()]), vectorize=True)
     op = hbk.HessianOperator(model, "ce", (tokens, y), method=method)
     V = torch.randn(op.dim, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     assert_close_scaled(op @ V, H @ V, rtol=1e-9)

@@ -20,13 +20,19 @@ __all__ = ["HVPMethod", "identity_block", "math_attention", "output_hessian"]
 
 @contextlib.contextmanager
 def math_attention() -> Iterator[None]:
-    """Run attention through the math SDPA backend: the fused CPU kernels (flash, efficient)
-    have no second derivative and no forward-mode rule; the math backend computes the same
-    function with both."""
+    """Run attention through the math SDPA backend and off the fused "fast path" of
+    ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` in eval mode: the fused CPU
+    kernels (flash, efficient, ``_native_multi_head_attention``) have no second derivative
+    and no forward-mode rule; the math backend computes the same function with both."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel(SDPBackend.MATH):
-        yield
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
 
 
 def identity_block(p: int, j0: int, j1: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
