@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -63,6 +64,12 @@ __all__ = [
     "boundary_distance",
     "boundary_peak_report",
     "random_directions",
+    "ROUNDOFF_FACTOR",
+    "roundoff_tolerance",
+    "roundoff_mask",
+    "exact_spectrum_bytes",
+    "exact_spectrum_fits",
+    "alignment_map",
     "threshold_from_alignments",
     "Threshold",
     "random_direction_threshold",
@@ -83,6 +90,7 @@ __all__ = [
 ]
 
 RULES = ("max", "mean")
+_log = logging.getLogger("hbkernels")
 
 
 # JSON: one convention for every result (hbkernels.results).
@@ -354,6 +362,61 @@ def plane_alignment(
     return GridAlignment(xs=a, ys=b, pred=pred, maps=al.T.reshape(-1, len(b), len(a)))
 
 
+def alignment_map(
+    model: nn.Module,
+    plane_or_grid: Any,
+    vectors: torch.Tensor,
+    *,
+    resolution: int = 100,
+    loss: str | Callable = "ce",
+    quiet: bool = True,
+) -> GridAlignment:
+    """Predicted classes and alignment maps ``A_i(x)`` over a 2-D grid or a plane of inputs.
+
+    Args:
+        model: any classifier (``nn.Module``) with ``(n, C)`` outputs.
+        plane_or_grid: one of
+
+            * an extent ``(xmin, xmax, ymin, ymax)`` (2-D inputs): a ``resolution``-square grid;
+            * three inputs ``[x0, x1, x2]`` (any input shape): the plane
+              ``x0 + a (x1 - x0) + b (x2 - x0)``, ``a, b`` in ``[-0.5, 1.5]``;
+            * ``(xs (nx,), ys (ny,), points (ny * nx, ...))`` as returned by :func:`make_grid`
+              or :func:`plane_grid` (row-major, ``xs`` fastest).
+        vectors: ``(p, k)`` (or ``(p,)``) in ``model.parameters()`` order, any float dtype
+            (cast to the model's).
+        resolution: points per axis for an extent or a plane.
+        loss: per-sample loss of the gradients (predicted labels).
+        quiet: no progress bar.
+
+    Returns:
+        :class:`GridAlignment` with ``maps (k, ny, nx)``.
+    """
+    fn = "hbk.boundary.alignment_map"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: expected an nn.Module, got {type(model).__name__}")
+    if isinstance(vectors, torch.Tensor) and vectors.dim() == 1:
+        vectors = vectors[:, None]
+    g = plane_or_grid
+    if isinstance(g, (tuple, list)) and len(g) == 4 and all(
+            isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)
+            for v in g):
+        return grid_alignment(model, vectors, [float(v) for v in g], resolution, loss=loss,
+                              quiet=quiet)
+    if isinstance(g, (tuple, list)) and len(g) == 3 and all(isinstance(v, torch.Tensor) for v in g):
+        if g[0].dim() == 1 and g[1].dim() == 1 and g[2].dim() >= 2 and \
+                g[2].shape[0] == g[0].numel() * g[1].numel():
+            xs, ys, pts = g
+            pts = pts.to(_model_dtype(model))
+            pred = predict(model, pts).reshape(len(ys), len(xs))
+            al = gradient_alignment(model, pts, vectors, labels="pred", loss=loss, quiet=quiet)
+            return GridAlignment(xs=xs, ys=ys, pred=pred, maps=al.T.reshape(-1, len(ys), len(xs)))
+        return plane_alignment(model, list(g), vectors, resolution=resolution, loss=loss,
+                               quiet=quiet)
+    raise TypeError(f"{fn}: expected an extent (xmin, xmax, ymin, ymax), three anchor inputs or "
+                    f"a grid (xs, ys, points), got {type(g).__name__}"
+                    f"{' of length ' + str(len(g)) if isinstance(g, (tuple, list)) else ''}")
+
+
 def boundary_mask(pred: torch.Tensor | np.ndarray) -> np.ndarray:
     """Decision-boundary pixels of a predicted-class image (the reference's Sobel rule).
 
@@ -490,18 +553,80 @@ def random_directions(
     return (r / r.norm(dim=0, keepdim=True)).to(dtype)
 
 
-def threshold_from_alignments(alignments: torch.Tensor) -> torch.Tensor:
-    """``eps`` parts from the ``(n, r)`` alignments with ``r`` random directions.
+#: ``c`` of the round-off rule (:func:`roundoff_mask`).
+ROUNDOFF_FACTOR = 100.0
+
+
+def roundoff_tolerance(norms: torch.Tensor, dtype: torch.dtype | None = None, *,
+                       factor: float = ROUNDOFF_FACTOR) -> float:
+    """The gradient norm at or below which a point's gradient is round-off (see
+    :func:`roundoff_mask`): ``factor * max(eps(dtype), eps(float32)) * max_s |g_s|``."""
+    fn = "hbk.boundary.roundoff_tolerance"
+    if not isinstance(norms, torch.Tensor) or norms.dim() != 1:
+        raise TypeError(f"{fn}: expected a (n,) tensor of gradient norms, got "
+                        f"{tuple(norms.shape) if isinstance(norms, torch.Tensor) else type(norms).__name__}")
+    if not (math.isfinite(float(factor)) and factor >= 0):
+        raise ValueError(f"{fn}: expected a finite factor >= 0, got {factor}")
+    dtype = norms.dtype if dtype is None else dtype
+    mach = max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
+    scale = float(norms.double().abs().max()) if norms.numel() else 0.0
+    return float(factor) * mach * scale
+
+
+def roundoff_mask(norms: torch.Tensor, dtype: torch.dtype | None = None, *,
+                  factor: float = ROUNDOFF_FACTOR) -> torch.Tensor:
+    """Points whose per-sample gradient is above round-off level (the ones eps and G use).
+
+    Rule: point ``s`` is kept when ``|g_s| > c * eps_mach * max_t |g_t|`` with
+    ``c = factor`` (100) and ``eps_mach = max(eps(dtype), eps(float32))``. A gradient within a
+    few hundred ulps of the largest one's scale carries no direction (its cosines with any
+    vector are noise: in float64 a saturated softmax leaves gradients ~1e-16 pointing anywhere,
+    in float32 the same points give exact zeros). The float32 floor is used in float64 too, so
+    a float32 and a float64 copy of one model drop the same points and give the same eps and G.
+
+    Args:
+        norms: ``(n,)`` gradient norms ``|g_s|``.
+        dtype: the analysis dtype (default ``norms.dtype``).
+        factor: ``c`` (0 keeps every non-zero gradient).
 
     Returns:
-        ``(r,)``: ``max_s |A_r(x_s)|`` per direction; ``eps`` is their mean.
+        ``(n,)`` bool, True for the points kept.
+    """
+    tol = roundoff_tolerance(norms, dtype, factor=factor)
+    return norms.double().abs() > tol
+
+
+def threshold_from_alignments(alignments: torch.Tensor, keep: torch.Tensor | None = None
+                              ) -> torch.Tensor:
+    """``eps`` parts from the ``(n, r)`` alignments with ``r`` random directions.
+
+    Args:
+        alignments: ``(n, r)``.
+        keep: ``(n,)`` bool, the points above round-off (:func:`roundoff_mask`); None: all.
+
+    Returns:
+        ``(r,)``: ``max_s |A_r(x_s)|`` per direction over the kept points; ``eps`` is their
+        mean (0 when no point is kept).
     """
     if alignments.dim() != 2 or alignments.shape[0] == 0 or alignments.shape[1] == 0:
         raise ValueError(
             "hbk.boundary.threshold_from_alignments: expected a non-empty (n, r) matrix, "
             f"got shape {tuple(alignments.shape)}"
         )
+    if keep is not None:
+        alignments = alignments[_check_keep("hbk.boundary.threshold_from_alignments", keep,
+                                            alignments.shape[0])]
+        if alignments.shape[0] == 0:
+            return torch.zeros(alignments.shape[1], dtype=alignments.dtype)
     return alignments.abs().amax(dim=0)
+
+
+def _check_keep(fn: str, keep: torch.Tensor, n: int) -> torch.Tensor:
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != (n,):
+        got = (f"{keep.dtype} {tuple(keep.shape)}" if isinstance(keep, torch.Tensor)
+               else type(keep).__name__)
+        raise TypeError(f"{fn}: expected keep to be a ({n},) bool tensor, got {got}")
+    return keep.cpu()
 
 
 @dataclass
@@ -512,6 +637,8 @@ class Threshold(JsonResult):
     per_direction: list[float]
     num_directions: int
     seed: int
+    num_ignored: int = 0
+    roundoff_tol: float | None = None
 
     @property
     def min(self) -> float:
@@ -519,7 +646,8 @@ class Threshold(JsonResult):
 
     def to_dict(self) -> dict:
         return {"eps": self.eps, "eps_min": self.min, "per_direction": self.per_direction,
-                "num_directions": self.num_directions, "seed": self.seed}
+                "num_directions": self.num_directions, "seed": self.seed,
+                "num_ignored_roundoff": self.num_ignored, "roundoff_tol": self.roundoff_tol}
 
 
 def random_direction_threshold(
@@ -531,8 +659,11 @@ def random_direction_threshold(
     labels: str | torch.Tensor = "pred",
     targets: torch.Tensor | None = None,
     loss: str = "ce",
+    roundoff_factor: float | None = ROUNDOFF_FACTOR,
 ) -> Threshold:
     """``eps = mean_r max_s |cos(g(x_s), r)|`` over seeded random unit Gaussian directions.
+
+    The max runs over the points whose gradient is above round-off (:func:`roundoff_mask`).
 
     Args:
         model: the classifier.
@@ -541,19 +672,31 @@ def random_direction_threshold(
         seed: seed of the directions (reference: 42, with numpy's RandomState; here torch's
             generator, so the directions differ from the reference's but have the same law).
         labels, targets, loss: as in :func:`gradient_alignment`.
+        roundoff_factor: ``c`` of the round-off rule; None uses every point.
 
     Returns:
         :class:`Threshold`.
     """
     r = random_directions(num_params(model), num_directions, seed, dtype=_model_dtype(model))
     a = gradient_alignment(model, inputs, r, labels=labels, targets=targets, loss=loss)
-    return _threshold(a, num_directions, seed)
+    keep = tol = None
+    if roundoff_factor is not None:
+        kw: dict[str, Any] = {"labels": labels, "loss": loss}
+        if isinstance(labels, str) and labels == "true":
+            kw["targets"] = targets
+        norms = hbk.gradient_norms(model, inputs.to(_model_dtype(model)), **kw).detach().cpu()
+        tol = roundoff_tolerance(norms, _model_dtype(model), factor=roundoff_factor)
+        keep = norms.double() > tol
+    return _threshold(a, num_directions, seed, keep=keep, tol=tol)
 
 
-def _threshold(a: torch.Tensor, num_directions: int, seed: int) -> Threshold:
-    per = threshold_from_alignments(a).double()
+def _threshold(a: torch.Tensor, num_directions: int, seed: int,
+               keep: torch.Tensor | None = None, tol: float | None = None) -> Threshold:
+    per = threshold_from_alignments(a, keep).double()
+    ignored = 0 if keep is None else int((~keep).sum())
     return Threshold(eps=float(per.mean()), per_direction=[float(v) for v in per],
-                     num_directions=num_directions, seed=seed)
+                     num_directions=num_directions, seed=seed, num_ignored=ignored,
+                     roundoff_tol=tol)
 
 
 @dataclass
@@ -585,7 +728,8 @@ class GMeasure(JsonResult):
 
 
 def generalization_measure(
-    alignments: torch.Tensor, eps: float, *, rule: str = "max", num_params: int | None = None
+    alignments: torch.Tensor, eps: float, *, rule: str = "max", num_params: int | None = None,
+    keep: torch.Tensor | None = None,
 ) -> GMeasure:
     """``G`` from the ``(n, k)`` alignments of the training gradients with ``k`` eigenvectors.
 
@@ -598,6 +742,8 @@ def generalization_measure(
         rule: ``"max"`` or ``"mean"``.
         num_params: ``p``; default ``k`` (full spectrum). With ``k < p`` the value is a lower
             bound and is labelled so.
+        keep: ``(n,)`` bool, the points above round-off (:func:`roundoff_mask`); the max and
+            the mean run over these only. None: every point.
 
     Returns:
         :class:`GMeasure`.
@@ -618,6 +764,11 @@ def generalization_measure(
         raise ValueError(f"{fn}: expected finite alignments, got {bad} NaN/inf entries of "
                          f"{alignments.numel()} (shape {tuple(alignments.shape)})")
     a = alignments.abs().double()
+    if keep is not None:
+        a = a[_check_keep(fn, keep, a.shape[0])]
+        if a.shape[0] == 0:
+            raise ValueError(f"{fn}: expected at least one gradient above round-off, got none of "
+                             f"{alignments.shape[0]}")
     if rule == "max":
         count = int((a.amax(dim=0) >= eps).sum())
     else:
@@ -726,30 +877,70 @@ def _data_as(data: tuple[torch.Tensor, torch.Tensor], model: nn.Module):
     return X.to(device=_model_device(model), dtype=_model_dtype(model)), y.to(_model_device(model))
 
 
+def exact_spectrum_bytes(p: int, dtype: torch.dtype = torch.float64) -> int:
+    """Memory of an exact spectrum: the ``p x p`` Hessian, its ``p x p`` eigenvectors and the
+    ``eigh`` (divide and conquer) workspace of about ``2 p^2 + 6 p`` elements: ``(4 p^2 + 6 p)``
+    elements of ``dtype``."""
+    return int((4 * p * p + 6 * p) * (torch.finfo(dtype).bits // 8))
+
+
+def exact_spectrum_fits(p: int, dtype: torch.dtype = torch.float64,
+                        memory_budget: int | None = None, device: torch.device | str = "cpu"
+                        ) -> bool:
+    """Whether the exact spectrum of a ``p``-parameter model fits the memory budget.
+
+    Args:
+        p: parameters.
+        dtype: dtype of the Hessian.
+        memory_budget: bytes allowed (default: half of the memory available now, ``MemAvailable``
+            of ``/proc/meminfo`` or the free GPU memory).
+        device: where the Hessian would live.
+
+    Returns:
+        ``exact_spectrum_bytes(p, dtype) <= memory_budget``.
+    """
+    from ..hessian import _available_bytes
+
+    if memory_budget is None:
+        memory_budget = _available_bytes(torch.device(device)) // 2
+    if not isinstance(memory_budget, int) or memory_budget < 0:
+        raise ValueError("hbk.boundary.exact_spectrum_fits: expected memory_budget to be an "
+                         f"integer number of bytes >= 0, got {memory_budget!r}")
+    return exact_spectrum_bytes(p, dtype) <= memory_budget
+
+
 def compute_spectrum(
     model: nn.Module,
     data: tuple[torch.Tensor, torch.Tensor],
     *,
     loss: str | Callable = "ce",
     k: int | None = None,
-    max_exact_params: int = 5000,
+    max_exact_params: int | None = None,
     dtype: torch.dtype | None = torch.float64,
     tol: float = 1e-8,
     trace_samples: int = 99,
     seed: int = 0,
+    memory_budget: int | None = None,
+    quiet: bool = True,
 ) -> Spectrum:
-    """Hessian spectrum of the mean training loss: exact when ``p <= max_exact_params``.
+    """Hessian spectrum of the mean training loss: exact whenever it fits the memory budget.
+
+    The exact (dense) path is taken when :func:`exact_spectrum_fits` (``4 p^2`` elements
+    within ``memory_budget``) and, if given, ``p <= max_exact_params``; otherwise the top-``k``
+    Lanczos part (and a lower-bound ``G`` downstream).
 
     Args:
         model: the classifier (converted to ``dtype`` in a copy).
         data: ``(X, y)`` training inputs and labels.
         loss: loss name or callable ``loss_fn(outputs, targets)`` (mean).
         k: eigenpairs for the Lanczos path (default ``min(p, 100)``); the exact path keeps all.
-        max_exact_params: largest ``p`` for the dense path (``O(p^3)`` eigh, ``p^2`` memory).
+        max_exact_params: an extra cap on ``p`` for the dense path (None: memory only).
         dtype: dtype of the Hessian (float64 by default; None keeps the model's).
         tol: Lanczos tolerance.
         trace_samples: operator products of the Hutch++ trace estimate on the Lanczos path.
         seed: seed of the Lanczos start and of the trace estimate.
+        memory_budget: bytes for the dense path (default: half of the available memory).
+        quiet: no progress bar while the Hessian is assembled.
 
     Returns:
         :class:`Spectrum` (eigenvalues descending).
@@ -759,8 +950,13 @@ def compute_spectrum(
     X, y = _data_as(data, m)
     p = num_params(m)
     t0 = time.perf_counter()
-    if p <= max_exact_params:
-        evals, evecs = hbk.hessian_spectrum(m, loss_fn, (X, y), dtype=_model_dtype(m))
+    use_exact = (max_exact_params is None or p <= max_exact_params) and exact_spectrum_fits(
+        p, _model_dtype(m), memory_budget, _model_device(m))
+    if use_exact:
+        kw: dict[str, Any] = {"quiet": quiet}
+        if memory_budget is not None:
+            kw["memory_budget"] = int(memory_budget)
+        evals, evecs = hbk.hessian_spectrum(m, loss_fn, (X, y), dtype=_model_dtype(m), **kw)
         evals, evecs = evals.double(), evecs
         if not torch.isfinite(evals).all():
             raise ValueError("hbk.boundary.compute_spectrum: expected finite eigenvalues, got NaN/inf")
@@ -778,11 +974,17 @@ def compute_spectrum(
 # ----------------------------------------------------------------------------- full analysis
 @dataclass
 class Analysis(JsonResult):
-    """Every scalar measure of one model at one minimum (JSON via ``to_dict``).
+    """Every measure of one model at one minimum; ``save(path)`` / ``Analysis.load(path)``.
 
     ``G`` is the value under ``rule`` (None when the Hessian collapsed); ``G_max`` and
-    ``G_mean`` are both rules. ``alignments`` (``(n, k_keep)`` training alignments with the top
-    eigenvectors) and ``spectrum`` are kept for figures but left out of ``to_dict``.
+    ``G_mean`` are both rules; ``G_lower_bound`` is True when only a top-k part of the spectrum
+    was examined (``G_label`` says "exact" or "lower bound (top-k)"). eps and G use only the
+    training points whose gradient is above round-off (:func:`roundoff_mask`;
+    ``num_roundoff`` of them were left out). ``spectral_type`` and ``bulk_outliers`` are the
+    readings of :mod:`hbkernels.boundary.spectra`. ``alignments`` (``(n, k_keep)`` training
+    alignments with the top eigenvectors), ``spectrum`` (eigenvectors included), ``labels``
+    and the optional ``per_class`` spectra and ``margin`` go into the tensor file on ``save``;
+    ``to_dict`` holds the scalars only.
     """
 
     num_params: int
@@ -804,87 +1006,273 @@ class Analysis(JsonResult):
     spectrum: Spectrum = field(repr=False)
     alignments: torch.Tensor = field(repr=False)
     labels: torch.Tensor = field(repr=False)
+    spectral_type: Any = None
+    bulk_outliers: Any = None
+    num_roundoff: int = 0
+    num_classes: int | None = None
+    per_class: dict | None = field(default=None, repr=False)
+    margin: Any = field(default=None, repr=False)
+    names: dict = field(default_factory=dict)
+    world_size: int = 1
+
+    @property
+    def G_label(self) -> str:
+        """``"exact"`` or ``"lower bound (top-k)"`` (k the eigenvectors examined)."""
+        if not self.G_lower_bound:
+            return "exact"
+        return f"lower bound (top-{int(self.spectrum.eigenvalues.numel())})"
+
+    def G_text(self, digits: int = 4) -> str:
+        """``"G_max = 0.0334 (exact)"``, ``"... (lower bound (top-100))"`` or ``"collapsed"``."""
+        if self.G is None:
+            return f"G collapsed ({self.collapse_reason})"
+        return f"G_{self.G_rule} = {self.G:.{digits}f} ({self.G_label})"
+
+    def report(self) -> str:
+        """A short Markdown report of the scalars."""
+        st, bo = self.spectral_type, self.bulk_outliers
+        name = self.names.get("model", "model")
+        data = self.names.get("data", "data")
+        spec = "exact (all p eigenpairs)" if self.exact else self.G_label
+        lines = [f"# Analysis of {name} on {data}", "",
+                 f"* parameters p = {self.num_params}; spectrum {spec}",
+                 (f"* {self.G_text()}; eps = {self.eps.eps:.4f} over {self.eps.num_directions} "
+                  f"random directions ({self.num_roundoff} round-off gradient(s) ignored)")]
+        if self.G_max is not None and self.G_mean is not None:
+            lines.append(f"* G_max = {self.G_max.value:.4f} ({self.G_max.count}/{self.G_max.total}), "
+                         f"G_mean = {self.G_mean.value:.4f} ({self.G_mean.count}/{self.G_mean.total})")
+        tr = "n/a" if self.trace is None else f"{self.trace:.4g}"
+        lines += [(f"* trace = {tr}{'' if self.exact else ' (Hutch++ estimate)'}, "
+                   f"lambda_max = {self.lambda_max:.4g}, |theta| = {self.param_norm:.4g}"),
+                  f"* outliers = {self.outliers.count} (bulk edge {self.outliers.bulk_edge:.4g})"]
+        if st is not None:
+            lines.append(f"* spectral type {st.type} (positive share {st.positive_share:.3f}, "
+                         f"zero share {st.zero_share:.3f}); Hessian measures "
+                         f"{'apply' if st.applicable else 'are not read as intended'}")
+        if bo is not None:
+            match = bo.matches_classes
+            lines.append(f"* bulk + outliers: {bo.num_outliers} outlier(s), bulk width "
+                         f"{bo.bulk_width:.4g}" + ("" if match is None else
+                         f"; {'matches' if match else 'does not match'} C or C-1 "
+                         f"(C = {bo.num_classes})"))
+        if self.margin is not None:
+            lines.append(f"* margin estimate = {self.margin.margin:.4g}")
+        if self.per_class:
+            lines.append("* per-class lambda_max: " + ", ".join(
+                f"{c}: {s.lambda_max:.4g}" for c, s in self.per_class.items()))
+        if self.collapsed:
+            lines.append(f"* collapsed: {self.collapse_reason}")
+        return "\n".join(lines) + "\n"
 
     def to_dict(self) -> dict:
         return {
             "num_params": self.num_params, "exact": self.exact, "G": self.G,
-            "G_rule": self.G_rule, "G_lower_bound": self.G_lower_bound,
+            "G_rule": self.G_rule, "G_lower_bound": self.G_lower_bound, "G_label": self.G_label,
             "G_max": None if self.G_max is None else self.G_max.to_dict(),
             "G_mean": None if self.G_mean is None else self.G_mean.to_dict(),
             "eps": self.eps.eps, "eps_detail": self.eps.to_dict(), "trace": self.trace,
             "lambda_max": self.lambda_max, "param_norm": self.param_norm,
             "num_outliers": self.outliers.count, "outliers": self.outliers.to_dict(),
             "collapsed": self.collapsed, "collapse_reason": self.collapse_reason,
-            "zero_grad_fraction": self.zero_grad_fraction, "seconds": self.seconds,
+            "zero_grad_fraction": self.zero_grad_fraction, "num_roundoff": self.num_roundoff,
+            "seconds": self.seconds,
             "top_eigenvalues": self.spectrum.eigenvalues[:25],
             "spectrum_method": self.spectrum.method,
+            "spectral_type": None if self.spectral_type is None else self.spectral_type.to_dict(),
+            "bulk_outliers": None if self.bulk_outliers is None else self.bulk_outliers.to_dict(),
+            "num_classes": self.num_classes, "names": self.names, "world_size": self.world_size,
+            "per_class_lambda_max": None if not self.per_class else {
+                c: s.lambda_max for c, s in self.per_class.items()},
+            "margin": None if self.margin is None else self.margin.margin,
         }
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _distributed_spectrum(m: nn.Module, loss: str | Callable, local: tuple, *, k: int | None,
+                          max_exact_params: int | None, memory_budget: int | None, seed: int,
+                          quiet: bool) -> Spectrum:
+    """The spectrum of the mean loss over every rank's shard (identical on all ranks)."""
+    import torch.distributed as dist
+
+    from ..distributed import DistributedHessianOperator, distributed_hessian_eigs
+
+    loss_fn = loss_fn_for(loss)
+    p, dt, dev = num_params(m), _model_dtype(m), _model_device(m)
+    t0 = time.perf_counter()
+    n = torch.tensor([float(local[0].shape[0])], dtype=torch.float64)
+    total = n.clone()
+    dist.all_reduce(total)
+    fits = torch.tensor([1.0 if exact_spectrum_fits(p, dt, memory_budget, dev) else 0.0])
+    dist.all_reduce(fits, op=dist.ReduceOp.MIN)  # every rank takes the same path
+    if (max_exact_params is None or p <= max_exact_params) and bool(fits.item()):
+        kw: dict[str, Any] = {"quiet": quiet}
+        if memory_budget is not None:
+            kw["memory_budget"] = int(memory_budget)
+        if local[0].shape[0]:
+            H = hbk.exact_hessian(m, loss_fn, local, dtype=dt, **kw) * float(n.item() / total.item())
+        else:
+            H = torch.zeros(p, p, dtype=dt, device=dev)
+        dist.all_reduce(H)
+        evals, evecs = torch.linalg.eigh(H)
+        evals, evecs = evals.flip(0).contiguous(), evecs.flip(1).contiguous()
+        dist.broadcast(evals, 0)  # one answer, bit for bit, on every rank
+        dist.broadcast(evecs, 0)
+        return Spectrum(evals.double(), evecs, p, True, "exact", time.perf_counter() - t0,
+                        trace=float(evals.double().sum()))
+    kk = min(p, k or 100)
+    res = distributed_hessian_eigs(m, loss_fn, local, kk, which="LA", tol=1e-8, seed=seed)
+    op = DistributedHessianOperator(m, loss_fn, local)
+    trace = float(hbk.hessian_trace(op, num_probes=99, seed=seed).estimate)
+    return Spectrum(res.eigenvalues.double(), res.eigenvectors, p, False, "lanczos",
+                    time.perf_counter() - t0, trace=trace,
+                    converged=[bool(c) for c in torch.as_tensor(res.converged).reshape(-1)])
 
 
 def analyze(
     model: nn.Module,
-    data: tuple[torch.Tensor, torch.Tensor],
+    loss: str | Callable | tuple = "ce",
+    train_data: tuple[torch.Tensor, torch.Tensor] | None = None,
     *,
-    loss: str = "ce",
     rule: str = "max",
     num_directions: int = 5,
     eps_seed: int = 42,
-    max_exact_params: int = 5000,
+    max_exact_params: int | None = None,
+    memory_budget: int | None = None,
     k: int | None = None,
     keep: int = 25,
     dtype: torch.dtype | None = torch.float64,
     min_trace: float = 1e-7,
     spectrum: Spectrum | None = None,
+    roundoff_factor: float | None = ROUNDOFF_FACTOR,
+    num_classes: int | None = None,
+    per_class: bool = False,
+    margin: bool | dict = False,
+    distributed: bool | None = None,
+    names: dict | None = None,
     quiet: bool = True,
 ) -> Analysis:
-    """Hessian spectrum, eps, G (both rules), trace, lambda_max, norm and outliers of a model.
+    """The paper's analysis of any classifier on plain tensors.
+
+    Hessian spectrum (exact whenever it fits ``memory_budget``, else the top-``k`` Lanczos part
+    and a lower-bound ``G``), eps, G (both rules), trace, lambda_max, parameter norm,
+    outliers, the spectral-density type and bulk/outliers readings, the training alignments,
+    and optionally per-class spectra and a margin estimate.
+
+    Example::
+
+        an = analyze(model, "ce", (X, y))
+        print(an.G_text(), an.eps.eps, an.spectral_type.type)
+        an.save("analysis.json"); an = Analysis.load("analysis.json")
 
     Args:
-        model: a trained classifier (analysed in a ``dtype`` copy).
-        data: ``(X_train, y_train)``; the Hessian uses these labels, the alignments the
-            model's predictions.
-        loss: ``"ce"``, ``"nll"`` or ``"mse"`` (Hessian loss and per-sample loss).
+        model: any ``nn.Module`` classifier with outputs ``(n, C)`` (analysed in a ``dtype``
+            copy; the original is not changed).
+        loss: ``"ce"``, ``"nll"``, ``"mse"`` or a callable ``loss(outputs, targets)`` returning
+            the mean loss (Hessian loss and per-sample loss). For compatibility
+            ``analyze(model, (X, y))`` is read as ``analyze(model, "ce", (X, y))``.
+        train_data: ``(X_train (n, ...), y_train (n,))``; the Hessian uses these labels, the
+            alignments the model's predictions. Under torch.distributed (``distributed``) every
+            rank passes the full data and keeps its contiguous shard.
         rule: the rule reported as ``G`` (``"max"`` default, or ``"mean"``).
         num_directions, eps_seed: the threshold's random directions.
-        max_exact_params: the dense spectrum up to this ``p``; above it the top-``k``
-            Lanczos part and a lower-bound ``G``.
+        max_exact_params: an extra cap on ``p`` for the exact path (None: memory only).
+        memory_budget: bytes for the exact path (default half the available memory).
         k: Lanczos eigenpairs (default ``min(p, 100)``).
         keep: training alignments kept for figures (top ``keep`` eigenvectors).
         dtype: analysis dtype (float64 by default: a collapsed float32 Hessian is round-off).
         min_trace: a trace at or below this is a collapsed Hessian.
         spectrum: a precomputed :class:`Spectrum` of the same model and data (skips the eigh).
+        roundoff_factor: ``c`` of the round-off rule (:func:`roundoff_mask`); None keeps all.
+        num_classes: ``C`` for the bulk/outliers reading (default ``max(y) + 1``).
+        per_class: also the spectra of the per-class Hessians (top 5 each).
+        margin: also :func:`~hbkernels.boundary.margin.estimate_margin` with the top
+            eigenvector (a dict gives its options, e.g. ``{"steps": 500}``).
+        distributed: shard the data over the torch.distributed ranks (None: when a process
+            group of more than one rank is initialised). Every rank returns the same result.
+        names: ``{"model": ..., "data": ...}`` names for reports and figure titles.
         quiet: no progress bars.
 
     Returns:
         :class:`Analysis`.
     """
+    fn = "hbk.boundary.analyze"
+    if isinstance(loss, (tuple, list)) and train_data is None:
+        loss, train_data = "ce", loss
+    if train_data is None:
+        raise TypeError(f"{fn}: expected train_data (X, y), got none")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: expected an nn.Module, got {type(model).__name__}")
+    if not (isinstance(train_data, (tuple, list)) and len(train_data) == 2
+            and all(isinstance(t, torch.Tensor) for t in train_data)):
+        raise TypeError(f"{fn}: expected train_data to be a pair of tensors (X, y), got "
+                        f"{type(train_data).__name__}")
+    if train_data[0].shape[0] != train_data[1].shape[0] or train_data[0].shape[0] == 0:
+        raise ValueError(f"{fn}: expected X and y with the same number (>= 1) of rows, got "
+                         f"{tuple(train_data[0].shape)} and {tuple(train_data[1].shape)}")
     if rule not in RULES:
-        raise ValueError(f"hbk.boundary.analyze: expected rule 'max' or 'mean', got {rule!r}")
-    loss_name = _loss_name(loss)
+        raise ValueError(f"{fn}: expected rule 'max' or 'mean', got {rule!r}")
+    loss_name = loss if callable(loss) else _loss_name(loss)
+    _rank, world = _world()
+    if distributed is None:
+        distributed = world > 1
     m = as_dtype_model(model, dtype)
-    X, y = _data_as(data, m)
+    was_training = m.training
+    m.eval()
+    X, y = _data_as(train_data, m)
+    local = (X, y)
+    if distributed:
+        from ..distributed import shard
+
+        local = shard((X, y))
     secs: dict[str, float] = {}
     t0 = time.perf_counter()
     if spectrum is None:
-        spectrum = compute_spectrum(m, (X, y), loss=loss, k=k, max_exact_params=max_exact_params,
-                                    dtype=None)
+        _log.info("spectrum of %s (p = %d)", (names or {}).get("model", "the model"), num_params(m))
+        if distributed:
+            spectrum = _distributed_spectrum(m, loss, local, k=k, max_exact_params=max_exact_params,
+                                             memory_budget=memory_budget, seed=0, quiet=quiet)
+        else:
+            spectrum = compute_spectrum(m, (X, y), loss=loss, k=k,
+                                        max_exact_params=max_exact_params, dtype=None,
+                                        memory_budget=memory_budget, quiet=quiet)
     secs["spectrum"] = spectrum.seconds
     t1 = time.perf_counter()
     # One per-sample pass: eigenvector and random-direction alignments and the norms together.
     dtype, device = _model_dtype(m), _model_device(m)
     rand = random_directions(num_params(m), num_directions, eps_seed, dtype=dtype)
     vecs = spectrum.eigenvectors.to(device=device, dtype=dtype)
-    prod = hbk.per_sample_products(m, X, norms=True, vectors={"eig": vecs, "rand": rand.to(device)},
+    _log.info("per-sample alignments of %d training points with %d vectors", X.shape[0],
+              vecs.shape[1] + num_directions)
+    prod = hbk.per_sample_products(m, local[0], norms=True,
+                                   vectors={"eig": vecs, "rand": rand.to(device)},
                                    labels="pred", loss=loss_name, quiet=quiet)
-    a_all = prod.alignment["eig"].detach().cpu()
-    eps = _threshold(prod.alignment["rand"].detach().cpu(), num_directions, eps_seed)
-    norms = prod.norms
+    a_all = prod.alignment["eig"].detach()
+    a_rand = prod.alignment["rand"].detach()
+    norms = prod.norms.detach()
+    if distributed:
+        from ..distributed import gather_rows
+
+        a_all, a_rand, norms = gather_rows(a_all), gather_rows(a_rand), gather_rows(norms)
+    a_all, a_rand, norms = a_all.cpu(), a_rand.cpu(), norms.cpu()
+    mask = tol = None
+    if roundoff_factor is not None:
+        tol = roundoff_tolerance(norms, dtype, factor=roundoff_factor)
+        mask = norms.double() > tol
+    eps = _threshold(a_rand, num_directions, eps_seed, keep=mask, tol=tol)
     secs["per_sample"] = time.perf_counter() - t1  # the threshold and alignments: one pass
     zero_frac = float((norms == 0).double().mean())
+    n_round = 0 if mask is None else int((~mask).sum())
     trace = spectrum.trace
     reason = None
     if not math.isfinite(eps.eps) or eps.eps <= 0:
-        reason = f"every training gradient is zero (eps = {eps.eps})"
+        reason = f"every training gradient is zero or round-off (eps = {eps.eps})"
     elif trace is not None and trace <= min_trace:
         reason = f"Hessian trace {trace:.3g} <= {min_trace:.3g}: the minimum is numerically flat"
     elif zero_frac > 0.5:
@@ -892,9 +1280,32 @@ def analyze(
     collapsed = reason is not None
     gmax = gmean = None
     if not collapsed:
-        gmax = generalization_measure(a_all, eps.eps, rule="max", num_params=spectrum.num_params)
-        gmean = generalization_measure(a_all, eps.eps, rule="mean", num_params=spectrum.num_params)
+        gmax = generalization_measure(a_all, eps.eps, rule="max", num_params=spectrum.num_params,
+                                      keep=mask)
+        gmean = generalization_measure(a_all, eps.eps, rule="mean",
+                                       num_params=spectrum.num_params, keep=mask)
     chosen = gmax if rule == "max" else gmean
+    from .spectra import bulk_outliers, spectral_type
+
+    C = int(num_classes) if num_classes is not None else int(y.max()) + 1
+    st = spectral_type(spectrum.eigenvalues)
+    bo = bulk_outliers(spectrum.eigenvalues, C)
+    pcs = None
+    if per_class:
+        t2 = time.perf_counter()
+        pcs = class_spectra(m, (X, y), loss=loss, max_exact_params=max_exact_params, dtype=None)
+        secs["per_class"] = time.perf_counter() - t2
+    mr = None
+    if margin:
+        from .margin import estimate_margin
+
+        t2 = time.perf_counter()
+        opts = dict(margin) if isinstance(margin, dict) else {}
+        opts.setdefault("quiet", quiet)
+        mr = estimate_margin(m, (X, y), spectrum.top(1)[:, 0], loss=loss_name, **opts)
+        secs["margin"] = time.perf_counter() - t2
+    if was_training:
+        m.train()
     secs["total"] = time.perf_counter() - t0
     return Analysis(
         num_params=spectrum.num_params, exact=spectrum.exact,
@@ -903,7 +1314,9 @@ def analyze(
         lambda_max=spectrum.lambda_max, param_norm=parameter_norm(model),
         outliers=count_outliers(spectrum.eigenvalues), collapsed=collapsed,
         collapse_reason=reason, zero_grad_fraction=zero_frac, seconds=secs, spectrum=spectrum,
-        alignments=a_all[:, :keep].clone(), labels=y.cpu(),
+        alignments=a_all[:, :keep].clone(), labels=y.cpu(), spectral_type=st, bulk_outliers=bo,
+        num_roundoff=n_round, num_classes=C, per_class=pcs, margin=mr, names=dict(names or {}),
+        world_size=world if distributed else 1,
     )
 
 
