@@ -64,3 +64,25 @@ def test_memory_budget_bounds_blocks_on_a_large_grid():
     assert_close_scaled(C[idx], ref, rtol=2e-4)
     eng = _engine(model, X, Work(norms=True, k=5), memory_budget=budget)
     assert 1 < eng.block_size < 40_000 // 10
+
+
+def test_direct_rule_rate_tips_small_convolutions_to_materialisation():
+    """Norms of a conv pair with T = 4: ghost without a direct rule (T^2 d < T p_l); with the
+    grouped-convolution gradient (DIRECT_RATE) and the unfold cost of the ghost form,
+    materialisation."""
+    conv = Pair(0, 0, d_in=9, d_out=16, w_offset=0, b_offset=0, T=4)
+    assert choose_forms([conv], Work(norms=True, n=64), "auto") == [True]
+    assert choose_forms([conv], Work(norms=True, n=64), "auto", [True]) == [False]
+    assert choose_forms([conv], Work(norms=True, n=64), "ghost", [True]) == [True]
+    lin = Pair(0, 0, d_in=100, d_out=3, w_offset=0, b_offset=0, T=1)
+    assert choose_forms([lin], Work(norms=True, k=5, n=64), "auto", [False]) == [True]
+
+
+def test_blocks_capped_at_the_working_set():
+    from hbkernels.persample.planning import BLOCK_BYTES, MIN_BLOCK
+
+    per = (4 * 1000 + 2 * 500 + 16) * 4
+    b = block_size(10**6, 10**12, 4, 1000, 500, 0, 0, None)
+    assert b == BLOCK_BYTES // per and b * per <= BLOCK_BYTES
+    assert block_size(10**6, 10**12, 4, 10**7, 0, 0, 0, None) == MIN_BLOCK  # huge samples
+    assert block_size(10**6, 10**6, 4, 10**7, 0, 0, 0, None) == 1  # the budget wins
