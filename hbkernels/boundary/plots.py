@@ -17,6 +17,7 @@ reference palette) with limits fixed to [-1, 1].
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,18 +31,23 @@ from matplotlib.ticker import NullFormatter
 from .margin import MarginResult
 from .measures import GridAlignment, boundary_mask, count_outliers
 
+_log = logging.getLogger("hbkernels")
+
 __all__ = [
     "ALIGNMENT_CMAP",
     "CLASS_COLORS",
+    "DPI",
+    "FORMATS",
     "SETUP_COLORS",
     "MapRow",
-    "plot_alignment_maps",
-    "plot_spectra",
-    "plot_sample_alignment",
-    "plot_margins",
+    "g_note",
     "plot_alignment_curves",
-    "tsne_embedding",
+    "plot_alignment_maps",
     "plot_embedding_alignment",
+    "plot_margins",
+    "plot_sample_alignment",
+    "plot_spectra",
+    "tsne_embedding",
 ]
 
 ALIGNMENT_CMAP = LinearSegmentedColormap.from_list(
@@ -59,10 +65,34 @@ def _np(a) -> np.ndarray:
     return a.detach().cpu().double().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
+#: Print resolution of the PNG figures.
+DPI = 300
+#: Formats written by every figure function: the path given (``.png``) and a vector PDF beside it.
+FORMATS = ("png", "pdf")
+
+
 def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
+    """Write ``path`` and, for a ``.png`` path, the same figure as ``.pdf`` beside it."""
     from ..fileio import atomic_savefig
 
-    return atomic_savefig(fig, Path(path), dpi=dpi, bbox_inches="tight")
+    path = Path(path)
+    atomic_savefig(fig, path, dpi=dpi, bbox_inches="tight")
+    if path.suffix.lower() == ".png" and "pdf" in FORMATS:
+        atomic_savefig(fig, path.with_suffix(".pdf"), dpi=dpi, bbox_inches="tight")
+    _log.debug("wrote %s", path)
+    return path
+
+
+def g_note(G: float | None, *, lower_bound: bool, rule: str = "max", k: int | None = None,
+           digits: int = 3) -> str:
+    """The figure label of G: ``"G_max = 0.033 (exact)"`` or ``"G_max >= 0.007 (lower bound,
+    top-100)"``; ``"G collapsed"`` for None."""
+    if G is None:
+        return "G collapsed"
+    if lower_bound:
+        top = f", top-{k}" if k else ""
+        return f"G_{rule} >= {G:.{digits}f} (lower bound{top})"
+    return f"G_{rule} = {G:.{digits}f} (exact)"
 
 
 def _class_color(c: int) -> str:
@@ -110,7 +140,7 @@ def plot_alignment_maps(
     *,
     k: int | None = None,
     title: str | None = None,
-    dpi: int = 120,
+    dpi: int = DPI,
     vector_names: Sequence[str] | None = None,
 ) -> Path:
     """Decision boundary and alignment maps ``A_i`` of the top-k vectors, one row per model.
@@ -199,12 +229,12 @@ def plot_spectra(
     *,
     bins: int = 200,
     gap_fraction: float = 0.05,
-    dpi: int = 120,
+    dpi: int = DPI,
 ) -> Path:
     """Histograms of all eigenvalues, one panel per setup (density, log y), outliers marked.
 
     Outliers (the gap rule of :func:`~hbkernels.boundary.measures.count_outliers`) are marked
-    with an ``x`` above their bins; the legend gives their number.
+    by a rug (red ticks) on the eigenvalue axis at their values; the legend gives their number.
 
     Args:
         spectra: ``{setup label: eigenvalues}``.
@@ -223,16 +253,19 @@ def plot_spectra(
     for ax, (label, ev) in zip(axes, spectra.items()):
         e = _np(ev).reshape(-1)
         color = SETUP_COLORS.get(label.split()[0], "#332288")
-        hist, edges, _ = ax.hist(e, bins=bins, density=True, color=color, log=True)
+        hist, _, _ = ax.hist(e, bins=bins, density=True, color=color, log=True)
         out = count_outliers(e, gap_fraction=gap_fraction)
         ytop = hist[hist > 0].max() if (hist > 0).any() else 1.0
-        if out.count:
-            pos = np.clip(np.searchsorted(edges, out.outlier_values, side="right") - 1, 0, bins - 1)
-            ax.scatter((edges[pos] + edges[pos + 1]) / 2, np.full(len(pos), ytop * 3), marker="x",
-                       c="k", s=14)
-        ax.set_ylim(top=ytop * 20)
-        ax.text(0.98, 0.95, f"{out.count} outlier{'s' if out.count != 1 else ''}",
-                transform=ax.transAxes, ha="right", va="top", fontsize=7)
+        ax.set_ylim(top=ytop * 5)
+        if out.count:  # a rug on the eigenvalue axis: x in data units, y in axes units
+            ax.plot(out.outlier_values, np.zeros(out.count), linestyle="none", marker="|",
+                    markersize=9, markeredgewidth=1.2, c="#CC3311", clip_on=False, zorder=5,
+                    transform=ax.get_xaxis_transform(),
+                    label=f"{out.count} outlier{'s' if out.count != 1 else ''}")
+            ax.legend(fontsize=6, loc="upper right", handlelength=1)
+        else:
+            ax.text(0.98, 0.95, "no outliers", transform=ax.transAxes, ha="right", va="top",
+                    fontsize=7)
         ax.set_ylabel(rf"P($\lambda$) {label}", fontsize=8)
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
@@ -249,7 +282,7 @@ def plot_sample_alignment(
     path: str | Path,
     *,
     k: int = 25,
-    dpi: int = 120,
+    dpi: int = DPI,
 ) -> Path:
     """Signed alignment of every training point with the top-k eigenvectors, class means bold.
 
@@ -279,7 +312,7 @@ def plot_sample_alignment(
         ax.set_xlim(a.shape[1], 1)
         ax.set_ylim(-1, 1)
         ax.axhline(0, c="k", lw=0.5)
-        ax.set_title(f"{label} initialization", fontsize=9)
+        ax.set_title(label, fontsize=9)
         ax.set_xlabel("i-th largest eigenvalue", fontsize=8)
         ax.tick_params(labelsize=7)
         if text:
@@ -297,7 +330,7 @@ def plot_margins(
     y: torch.Tensor,
     path: str | Path,
     *,
-    dpi: int = 120,
+    dpi: int = DPI,
 ) -> Path:
     """The margin figure: boundary, ``x_b`` (red), ``x_t^max`` (purple +), ``x_t^min`` (orange -).
 
@@ -335,7 +368,22 @@ def plot_margins(
         ax.set_ylim(ys[0], ys[-1])
         ax.set_title(f"{label}\nmargin = {res.margin:.3f}", fontsize=9)
         ax.tick_params(labelsize=7)
-    fig.tight_layout()
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], color="0.45", lw=2, label="decision boundary"),
+        Line2D([], [], ls="none", marker="x", color="#CC3311", label="search restarts"),
+        Line2D([], [], ls="none", marker="o", color="red", label=r"$x_b$ (boundary point)"),
+        Line2D([], [], ls="none", marker="P", color="#8F92E3",
+               label=r"$x_t^{max}$ (max $\mathcal{A}_1$)"),
+        Line2D([], [], ls="none", marker="o", color="#F2AC2D",
+               label=r"$x_t^{min}$ (min $\mathcal{A}_1$)"),
+        Line2D([], [], color="red", ls="--", lw=0.8, label="distances (margin = min)"),
+    ] + [Line2D([], [], ls="none", marker=_MARKERS[int(c) % len(_MARKERS)], color="k",
+                markersize=4, label=f"class {int(c)}") for c in np.unique(yn)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=6,
+               frameon=False, bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     return _save(fig, path, dpi)
 
 
@@ -346,7 +394,7 @@ def plot_alignment_curves(
     *,
     k: int = 5,
     title: str | None = None,
-    dpi: int = 120,
+    dpi: int = DPI,
 ) -> Path:
     """Mean ``|A_i|`` of the training points with the top-k eigenvectors over training.
 
@@ -405,7 +453,7 @@ def plot_embedding_alignment(
     *,
     k: int = 5,
     spectra: Sequence[torch.Tensor] | None = None,
-    dpi: int = 120,
+    dpi: int = DPI,
 ) -> Path:
     """Alignment of the training points on a 2-D embedding (t-SNE), one row per model.
 
