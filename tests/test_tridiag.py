@@ -187,3 +187,29 @@ def test_bad_arguments():
         r.count(0.1, "median")
     with pytest.raises(ValueError, match="eps >= 0"):
         r.count(-1.0)
+
+
+def test_analyze_uses_the_tridiagonal_route_with_the_same_answer():
+    """boundary.analyze over an exact spectrum (n <= p) takes the tridiagonal route; with a
+    precomputed eigh spectrum it takes the eigh route: same eps, G (both rules), eigenvalues,
+    trace and kept alignments (up to eigenvector signs)."""
+    from hbkernels.boundary import measures as M
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(2, 12), nn.Tanh(), nn.Linear(12, 3))
+    X = torch.randn(30, 2)
+    y = torch.randint(0, 3, (30,))
+    fast = M.analyze(model, "ce", (X, y), keep=5)
+    m64 = M.as_dtype_model(model, torch.float64)
+    spec = M.compute_spectrum(m64, (X, y))
+    slow = M.analyze(model, "ce", (X, y), keep=5, spectrum=spec)
+    assert fast.spectrum.eigenvectors.shape == (spec.num_params, 5)  # no p x p eigenvectors
+    assert slow.spectrum.eigenvectors.shape == (spec.num_params, spec.num_params)
+    torch.testing.assert_close(fast.spectrum.eigenvalues, spec.eigenvalues, rtol=0, atol=1e-12)
+    assert fast.eps.eps == slow.eps.eps and fast.trace == pytest.approx(slow.trace, abs=1e-12)
+    assert fast.G_max.count == slow.G_max.count and fast.G_mean.count == slow.G_mean.count
+    assert 0 < fast.G_max.count < spec.num_params
+    sign = torch.sign((fast.spectrum.eigenvectors * spec.eigenvectors[:, :5]).sum(0))
+    torch.testing.assert_close(fast.spectrum.eigenvectors * sign, spec.eigenvectors[:, :5],
+                               rtol=0, atol=1e-9)
+    torch.testing.assert_close(fast.alignments * sign, slow.alignments, rtol=0, atol=1e-9)

@@ -971,6 +971,40 @@ def compute_spectrum(
                     converged=[bool(c) for c in torch.as_tensor(res.converged).reshape(-1)])
 
 
+def _tridiagonal_spectrum(m: nn.Module, loss: str | Callable, data: tuple[torch.Tensor, torch.Tensor],
+                          loss_name: str | Callable, *, keep: int, max_exact_params: int | None,
+                          memory_budget: int | None, quiet: bool):
+    """The exact path of :func:`analyze` without the ``p x p`` eigenvectors (issue 11 item 4).
+
+    All eigenvalues, the top-``keep`` eigenvectors and the ``(n, p)`` training alignments with
+    every eigenvector from :func:`hbkernels.tridiag.alignment_spectrum` (sytrd + ormtr on the
+    per-sample gradients + stemr + GEMM; same values as eigh + products). None where the dense
+    path does not apply (budget, cap, a non-CPU model) or ``n > p`` (the ``(n, p)`` gradient
+    matrix would outweigh the saving); the caller then takes the eigh route.
+    """
+    from ..tridiag import alignment_spectrum
+
+    X, y = data
+    p, n = num_params(m), X.shape[0]
+    dt, dev = _model_dtype(m), _model_device(m)
+    if (dev.type != "cpu" or n > p or (max_exact_params is not None and p > max_exact_params)
+            or not exact_spectrum_fits(p, dt, memory_budget, dev)):
+        return None
+    t0 = time.perf_counter()
+    kw: dict[str, Any] = {"quiet": quiet}
+    if memory_budget is not None:
+        kw["memory_budget"] = int(memory_budget)
+    H = hbk.exact_hessian(m, loss_fn_for(loss), (X, y), dtype=dt, **kw)
+    G = hbk.per_sample_grads(m, X, labels="pred", loss=loss_name)
+    res = alignment_spectrum(H, G, return_alignments=True, top_vectors=min(keep, p), overwrite=True)
+    del H, G
+    if not torch.isfinite(res.eigenvalues).all():
+        raise ValueError("hbk.boundary.compute_spectrum: expected finite eigenvalues, got NaN/inf")
+    spec = Spectrum(res.eigenvalues, res.vectors.to(dt), p, True, "exact",
+                    time.perf_counter() - t0, trace=float(res.eigenvalues.sum()))
+    return spec, res.alignments
+
+
 # ----------------------------------------------------------------------------- full analysis
 @dataclass
 class Analysis(JsonResult):
@@ -1233,6 +1267,13 @@ def analyze(
         local = shard((X, y))
     secs: dict[str, float] = {}
     t0 = time.perf_counter()
+    tri = None  # exact spectrum: eigenvalues + alignments by tridiagonalisation, no eigenvectors
+    if spectrum is None and not distributed:
+        tri = _tridiagonal_spectrum(m, loss, (X, y), loss_name, keep=keep,
+                                    max_exact_params=max_exact_params,
+                                    memory_budget=memory_budget, quiet=quiet)
+        if tri is not None:
+            spectrum = tri[0]
     if spectrum is None:
         _log.info("spectrum of %s (p = %d)", (names or {}).get("model", "the model"), num_params(m))
         if distributed:
@@ -1250,10 +1291,10 @@ def analyze(
     vecs = spectrum.eigenvectors.to(device=device, dtype=dtype)
     _log.info("per-sample alignments of %d training points with %d vectors", X.shape[0],
               vecs.shape[1] + num_directions)
-    prod = hbk.per_sample_products(m, local[0], norms=True,
-                                   vectors={"eig": vecs, "rand": rand.to(device)},
+    vsets = {"rand": rand.to(device)} if tri is not None else {"eig": vecs, "rand": rand.to(device)}
+    prod = hbk.per_sample_products(m, local[0], norms=True, vectors=vsets,
                                    labels="pred", loss=loss_name, quiet=quiet)
-    a_all = prod.alignment["eig"].detach()
+    a_all = tri[1] if tri is not None else prod.alignment["eig"].detach()
     a_rand = prod.alignment["rand"].detach()
     norms = prod.norms.detach()
     if distributed:
