@@ -68,6 +68,33 @@ def _batch_size(s: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected 'full' or an integer >= 1, got {s!r}") from None
 
 
+_BUILTIN_ARCHS = ("fnn", "fnn2", "cnn", "lenet5")
+
+
+def _arch(s: str) -> str:
+    if s in _BUILTIN_ARCHS:
+        return s
+    mod, _, attr = s.partition(":")
+    if not mod or not attr.split(":", 1)[0]:
+        raise argparse.ArgumentTypeError(f"expected module:factory (e.g. mymodule:make_model) "
+                                         f"or one of {', '.join(_BUILTIN_ARCHS)}, got {s!r}")
+    return s
+
+
+def _bytes(s: str) -> int:
+    units = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = s.strip().upper().removesuffix("IB").removesuffix("B")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        v = float(num) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of bytes such as 8G or 500M, got "
+                                         f"{s!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of bytes, got {s!r}")
+    return int(v)
+
+
 def _dataset_name(s: str) -> str:
     from .boundary.datasets import check_dataset_name
 
@@ -181,29 +208,51 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache of finished phases (reused random-label models)")
 
     p = sub.add_parser(
-        "analyze", help="analyse a saved model or checkpoint",
-        description="Analyse MODEL: a directory written by `hbk train` (model.pt, result.json, "
-                    "checkpoints.pt), a model.pt of save_model, a checkpoints.pt list, a bare "
-                    "state_dict (with --dataset and --width/--arch) or a pickled nn.Module "
-                    "(with --allow-pickle). Writes analysis.json and figures.")
+        "analyze", help="analyse any model on any data set (yours or a built-in one)",
+        description="Analyse a model: a directory written by `hbk train`, a model.pt of "
+                    "save_model, a checkpoints.pt list, a state_dict or a checkpoint dict "
+                    "({'model': sd, 'epoch': ...} / {'state_dict': sd}) with --arch "
+                    "module:factory (or a built-in fnn/fnn2/cnn/lenet5), a TorchScript file, or "
+                    "a pickled nn.Module (with --allow-pickle), on a built-in --dataset or "
+                    "your own --data file (.pt or .npz of X, y and optionally X_test, y_test). "
+                    "The exact spectrum is used whenever it fits --memory-budget, else the "
+                    "top-k Lanczos part and a lower-bound G (labelled so everywhere). Writes "
+                    "analysis.json (summary), analysis_full.json + .pt (Analysis.load), "
+                    "report.md and figures (PNG and PDF, 300 dpi). Under torchrun the data "
+                    "is sharded over the ranks and rank 0 writes.")
     _common(p, "results/analyze", seed=42)
-    p.add_argument("model", metavar="MODEL", help="model file or directory")
+    p.add_argument("model_pos", nargs="?", metavar="MODEL", default=None,
+                   help="model file or directory (or --model)")
+    p.add_argument("--model", dest="model_opt", default=None, metavar="FILE",
+                   help="model file or directory (same as MODEL)")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="your data set: a .pt or .npz file of (X, y) (keys X/y or x/y, or a "
+                        "tuple; optionally X_test/y_test)")
     p.add_argument("--dataset", default=None, type=_dataset_name,
-                   help="dataset name (default: the model's)")
+                   help="built-in dataset name (default: the model's)")
     p.add_argument("--checkpoint", type=_nonneg_int, default=None, metavar="EPOCH",
                    help="analyse the checkpoint of this epoch (default: the final model)")
-    p.add_argument("--arch", choices=("fnn", "fnn2", "cnn", "lenet5"), default=None)
+    p.add_argument("--arch", type=_arch, default=None, metavar="ARCH",
+                   help="architecture of a state_dict: module:factory (an importable callable "
+                        "that builds the network, e.g. mymodule:make_model, found on sys.path "
+                        "or in the current directory; arguments as mymodule:make_model:width=64) "
+                        "or a built-in fnn, fnn2, cnn, lenet5")
     p.add_argument("--width", type=_positive_int, default=None)
     p.add_argument("--loss", choices=("ce", "nll", "mse"), default="ce")
     p.add_argument("--rule", choices=("max", "mean"), default="max")
     p.add_argument("--k", type=_positive_int, default=5, help="eigenvectors in the figures")
-    p.add_argument("--max-exact-params", type=_positive_int, default=6000, metavar="P")
+    p.add_argument("--memory-budget", type=_bytes, default=None, metavar="BYTES",
+                   help="memory for the exact spectrum (4 p^2 floats: Hessian, eigenvectors, "
+                        "eigh workspace), e.g. 8G or 500M (default: half the available memory)")
+    p.add_argument("--max-exact-params", type=_positive_int, default=None, metavar="P",
+                   help="an extra cap on p for the exact spectrum (default: none, memory only)")
     p.add_argument("--lanczos-k", type=_positive_int, default=100, metavar="K",
-                   help="eigenpairs of the Lanczos path (p > P)")
+                   help="eigenpairs of the Lanczos path (when the exact spectrum does not fit)")
     p.add_argument("--resolution", type=_positive_int, default=100)
+    p.add_argument("--per-class", action="store_true", help="also per-class Hessian spectra")
     p.add_argument("--margin", action="store_true", help="also estimate the margin")
     p.add_argument("--margin-steps", type=_positive_int, default=5000)
-    p.add_argument("--no-figures", action="store_true", help="only analysis.json")
+    p.add_argument("--no-figures", action="store_true", help="no figures")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading a pickled nn.Module (runs code from the file)")
 
@@ -368,8 +417,27 @@ def load_any_model(
         return model, meta
     if not p.exists():
         raise CliError(f"{fn}: expected an existing model file or directory, got {p}")
+    from .boundary import loading as L
+
+    if L._is_torchscript(p):
+        if arch is not None and arch in _BUILTIN_ARCHS:
+            arch = _build_for_state_dict({}, dataset, arch, width)
+        try:
+            return L.load_model_file(p, arch, allow_pickle=allow_pickle, fn=fn)
+        except ValueError as err:
+            raise CliError(str(err).replace("hbk.boundary.load_model_file", fn)) from None
     obj = load_torch(fn, p, allow_pickle=allow_pickle,
-                     what="a model file (save_model, checkpoints, state_dict)")
+                     what="a model file (save_model, checkpoints, state_dict, TorchScript)")
+    if isinstance(obj, dict) and not L._is_state_dict(obj) and "spec" not in obj:
+        key = next((k for k in L._SD_KEYS if L._is_state_dict(obj.get(k))), None)
+        if key is not None:  # a checkpoint dict {"model": sd, "epoch": ...}
+            meta["format"] = "checkpoint"
+            meta.update({k: v for k, v in obj.items()
+                         if isinstance(v, (int, float, str, bool)) and k != key})
+            sd = obj[key]
+            model = _build_for_state_dict(sd, dataset, arch, width)
+            _load_weights(model, sd, p)
+            return model, meta
     if isinstance(obj, torch.nn.Module):
         meta["format"] = "pickled module"
         return obj, meta
@@ -434,12 +502,22 @@ def _pick_checkpoint(ckpts, epoch: int | None, meta: dict) -> dict:
 def _build_for_state_dict(sd: dict, dataset, arch: str | None, width: int | None):
     from .boundary import models as MD
 
-    if dataset is None:
+    if arch is not None and arch not in _BUILTIN_ARCHS:
+        from .boundary.loading import build_architecture
+
+        return build_architecture(arch)
+    from .boundary.loading import DataFile
+
+    if dataset is None or (arch is None and isinstance(dataset, DataFile)):
+        if dataset is not None:
+            raise CliError("hbk analyze: expected --arch module:factory (or a built-in "
+                           "architecture) to rebuild a model from a state_dict for --data, got "
+                           "none")
         raise CliError("hbk analyze: expected --dataset to rebuild a model from a state_dict")
     first = next((v for k, v in sd.items() if k.endswith("weight") and v.dim() == 2), None)
     if arch in (None, "fnn", "fnn2") and width is None and first is not None:
         width = int(first.shape[0])
-    dtype = next(iter(sd.values())).dtype
+    dtype = next(iter(sd.values())).dtype if sd else torch.get_default_dtype()
     if arch is None:
         try:
             return MD.default_model_for(dataset, width, dtype=dtype)
@@ -452,84 +530,189 @@ def _build_for_state_dict(sd: dict, dataset, arch: str | None, width: int | None
     return MD.make_model(arch, inf, dataset.num_classes, **kw)
 
 
+def _init_distributed() -> bool:
+    """Join the process group torchrun describes (gloo: the analysis runs on the CPU)."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() \
+            and not dist.is_initialized():
+        dist.init_process_group("gloo")
+        return True
+    return False
+
+
+def _check_model_on(fn: str, model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> None:
+    params = list(model.parameters())
+    if not params or len({p.dtype for p in params}) != 1 or not params[0].is_floating_point():
+        raise CliError(f"{fn}: expected a model with parameters of one floating dtype, got "
+                       f"{sorted({str(p.dtype) for p in params}) or 'no parameters'}")
+    try:
+        with torch.no_grad():
+            out = model(X[:2].to(params[0].dtype))
+    except Exception as err:  # noqa: BLE001 - any shape error of the user's network
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CliError(f"{fn}: expected the model to take inputs of shape (n, "
+                       f"{', '.join(map(str, X.shape[1:]))}), got an error: {first[:200]}") from None
+    C = int(y.max()) + 1
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < C:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise CliError(f"{fn}: expected model outputs of shape (n, C >= {C}) for labels "
+                       f"0..{C - 1}, got {got}")
+
+
 def _cmd_analyze(args) -> int:
+    import torch.distributed as dist
+
+    started = _init_distributed()
+    try:
+        return _analyze(args)
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def _analyze(args) -> int:
+    import torch.distributed as dist
+
     from .boundary import datasets as D
     from .boundary import measures as M
     from .boundary import plots as P
+    from .boundary.loading import DataFile, load_data_file
     from .boundary.models import check_model_data
     from .boundary.training import accuracy
 
+    fn = "hbk analyze"
     t0 = time.perf_counter()
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    quiet = args.quiet or rank != 0
+    path = args.model_opt or args.model_pos
+    if path is None:
+        raise CliError(f"{fn}: expected a model (MODEL or --model FILE), got none")
+    if args.model_opt and args.model_pos and args.model_opt != args.model_pos:
+        raise CliError(f"{fn}: expected one model, got MODEL {args.model_pos} and --model "
+                       f"{args.model_opt}")
+    if args.data and args.dataset:
+        raise CliError(f"{fn}: expected --data or --dataset, got both")
     out = Path(args.out)
-    check_writable("hbk analyze --out", out)
-    ds = D.load_dataset(args.dataset) if args.dataset else None
-    model, meta = load_any_model(args.model, dataset=ds, arch=args.arch, width=args.width,
+    if rank == 0:
+        check_writable("hbk analyze --out", out)
+    ds: Any = None
+    if args.data:
+        ds = load_data_file(args.data, fn=fn)
+    elif args.dataset:
+        ds = D.load_dataset(args.dataset)
+    model, meta = load_any_model(path, dataset=ds, arch=args.arch, width=args.width,
                                  checkpoint=args.checkpoint, allow_pickle=args.allow_pickle)
     if ds is None:
         name = (meta.get("result") or {}).get("info", {}).get("dataset")
         if name is None:
-            raise CliError("hbk analyze: expected --dataset (the model file does not name its "
-                           "dataset)")
-        ds = D.load_dataset(D.check_dataset_name("hbk analyze", name))
-    check_model_data("hbk analyze", model, ds)
+            raise CliError(f"{fn}: expected --data FILE or --dataset NAME (the model file does "
+                           "not name its data set)")
+        ds = D.load_dataset(D.check_dataset_name(fn, name))
+    if isinstance(ds, DataFile):
+        _check_model_on(fn, model, ds.X, ds.y)
+    else:
+        check_model_data(fn, model, ds)
     model.eval()
     m64 = M.as_dtype_model(model, torch.float64)
     X, y = ds.train_data()
-    an = M.analyze(m64, (X, y), loss=args.loss, rule=args.rule, eps_seed=args.seed,
-                   max_exact_params=args.max_exact_params, k=args.lanczos_k, quiet=args.quiet)
+    X_test, y_test = ds.X_test, ds.y_test
+    names = {"model": Path(path).stem if Path(path).is_file() else Path(path).name,
+             "data": ds.name}
+    if not quiet:
+        print(f"hbk analyze: {names['model']} ({meta.get('format')}, p = "
+              f"{sum(p.numel() for p in m64.parameters())}) on {ds.name} ({X.shape[0]} training "
+              "points): spectrum, eps, G ...", file=sys.stderr, flush=True)
+    an = M.analyze(m64, args.loss, (X, y), rule=args.rule, eps_seed=args.seed,
+                   max_exact_params=args.max_exact_params, memory_budget=args.memory_budget,
+                   k=args.lanczos_k, per_class=args.per_class, names=names, quiet=quiet)
+    if rank != 0:  # every rank computed the same analysis; rank 0 writes
+        return 0
+    label = an.G_label
     payload: dict[str, Any] = {
-        "model": str(args.model), "format": meta.get("format"), "checkpoint": meta.get("epoch"),
-        "dataset": ds.name, "train_acc": accuracy(m64, X.double(), y),
-        "test_acc": accuracy(m64, ds.X_test.double(), ds.y_test), **an.to_dict()}
-    figs = []
+        "model": str(path), "format": meta.get("format"), "checkpoint": meta.get("epoch"),
+        "dataset": ds.name, "data_file": args.data, "train_acc": accuracy(m64, X.double(), y),
+        "test_acc": None if X_test is None else accuracy(m64, X_test.double(), y_test),
+        **an.to_dict()}
+    figs: list[str] = []
     k = min(args.k, an.spectrum.eigenvectors.shape[1])
     top = an.spectrum.top(k)
+    mr = None
     if args.margin:
         from .boundary.margin import estimate_margin
 
-        mr = estimate_margin(m64, (X, y), top[:, 0], steps=args.margin_steps, seed=args.seed,
-                             quiet=args.quiet)
+        mr = estimate_margin(m64, (X, y), top[:, 0], loss=args.loss, steps=args.margin_steps,
+                             seed=args.seed, quiet=quiet)
+        an.margin = mr
         payload["margin"] = mr.to_dict()
     if not args.no_figures:
-        note = "collapsed" if an.G is None else f"G = {an.G:.3f}"
-        if ds.extent is not None and len(ds.input_shape) == 1 and ds.input_shape[0] == 2:
-            g = M.grid_alignment(m64, top, ds.extent, args.resolution, loss=args.loss)
-            P.plot_alignment_maps([P.MapRow(ds.name, g, an.spectrum.eigenvalues[:k], X, y, note)],
+        _say(args, "hbk analyze: figures ...")
+        note = P.g_note(an.G, lower_bound=an.G_lower_bound, rule=an.G_rule,
+                        k=int(an.spectrum.eigenvalues.numel()))
+        extent = getattr(ds, "extent", None)
+        if X.dim() == 2 and X.shape[1] == 2:
+            if extent is None:
+                lo, hi = X.double().amin(0), X.double().amax(0)
+                pad = 0.1 * (hi - lo).clamp_min(1e-6)
+                extent = (float(lo[0] - pad[0]), float(hi[0] + pad[0]),
+                          float(lo[1] - pad[1]), float(hi[1] + pad[1]))
+            g = M.alignment_map(m64, extent, top, resolution=args.resolution, loss=args.loss)
+            P.plot_alignment_maps([P.MapRow(f"{names['model']} on {ds.name}", g,
+                                            an.spectrum.eigenvalues[:k], X, y, note)],
                                   out / "alignment_maps.png")
             figs.append("alignment_maps.png")
             payload["boundary_peaks"] = M.boundary_peak_report(g)
-            if args.margin:
-                P.plot_margins([(ds.name, g, mr)], X, y, out / "margin.png")
+            if mr is not None:
+                P.plot_margins([(f"{names['model']} on {ds.name}", g, mr)], X, y,
+                               out / "margin.png")
                 figs.append("margin.png")
-        elif len(ds.input_shape) >= 1 and int(torch.Size(ds.input_shape).numel()) > 2:
+        else:
             emb = P.tsne_embedding(X, seed=args.seed)
-            P.plot_embedding_alignment([(ds.name, emb, y, an.alignments, an.spectrum.eigenvalues[:k])],
+            P.plot_embedding_alignment([(ds.name, emb, y, an.alignments,
+                                         an.spectrum.eigenvalues[:k])],
                                        out / "embedding_alignment.png", k=k,
                                        spectra=[an.spectrum.eigenvalues])
             figs.append("embedding_alignment.png")
-            anchors = [int((y == c).nonzero()[0]) for c in range(ds.num_classes)
-                       if (y == c).any()][:3]
+            classes = [int(c) for c in torch.unique(y)]
+            anchors = [int((y == c).nonzero()[0]) for c in classes][:3]
+            if len(anchors) < 3:  # fewer than three classes: add other training points
+                anchors += [i for i in range(X.shape[0]) if i not in anchors][: 3 - len(anchors)]
             if len(anchors) == 3:
-                g = M.plane_alignment(m64, [X[i] for i in anchors], top,
-                                      resolution=min(args.resolution, 60), loss=args.loss)
-                P.plot_alignment_maps([P.MapRow(ds.name, g, an.spectrum.eigenvalues[:k], note=note,
+                g = M.alignment_map(m64, [X[i] for i in anchors], top,
+                                    resolution=min(args.resolution, 60), loss=args.loss)
+                P.plot_alignment_maps([P.MapRow(f"{names['model']} on {ds.name}", g,
+                                                an.spectrum.eigenvalues[:k], note=note,
                                                 anchors=[(0, 0, "x0"), (1, 0, "x1"), (0, 1, "x2")],
                                                 axis_labels=("a", "b"))],
                                       out / "plane_alignment.png",
                                       title=f"plane through training inputs {anchors}")
                 figs.append("plane_alignment.png")
-        P.plot_spectra({"model": an.spectrum.eigenvalues}, out / "spectrum.png")
-        P.plot_sample_alignment({ds.name: (an.alignments, y, note)}, out / "sample_alignment.png")
+        P.plot_spectra({f"{names['model']} ({label})": an.spectrum.eigenvalues},
+                       out / "spectrum.png")
+        P.plot_sample_alignment({f"{names['model']} on {ds.name}": (an.alignments, y, note)},
+                                out / "sample_alignment.png")
         figs += ["spectrum.png", "sample_alignment.png"]
+    figs_all = figs + [f.replace(".png", ".pdf") for f in figs if "pdf" in P.FORMATS]
     payload["figures"] = figs
-    payload["seconds"] = time.perf_counter() - t0
+    payload["figures_pdf"] = [f for f in figs_all if f.endswith(".pdf")]
+    payload["wall_seconds"] = time.perf_counter() - t0
+    an.save(out / "analysis_full.json")
     atomic_write_text(out / "analysis.json", json.dumps(M.to_jsonable(payload), indent=1))
-    g = "collapsed (" + str(an.collapse_reason) + ")" if an.G is None else f"{an.G:.4f}"
-    _say(args, f"{ds.name}: p = {an.num_params}, G_{args.rule} = {g}"
-               f"{' (lower bound)' if an.G_lower_bound else ''}, eps = {an.eps.eps:.4f}, "
-               f"trace = {an.trace:.4g}, lambda_max = {an.lambda_max:.4g}, "
-               f"|theta| = {an.param_norm:.2f}, outliers = {an.outliers.count}; "
-               f"wrote {out / 'analysis.json'} ({payload['seconds']:.1f} s)")
+    report = an.report() + "".join(
+        [f"* train accuracy {payload['train_acc']:.4f}"
+         + ("" if payload["test_acc"] is None else f", test accuracy {payload['test_acc']:.4f}")
+         + "\n", "\n## Figures\n\n"] + [f"![{f}]({f})\n" for f in figs])
+    atomic_write_text(out / "report.md", report)
+    g = ("collapsed (" + str(an.collapse_reason) + ")" if an.G is None
+         else f"{an.G:.4f} ({label})")
+    tr = "n/a" if an.trace is None else f"{an.trace:.4g}"
+    _say(args, f"{ds.name}: p = {an.num_params}, G_{args.rule} = {g}, eps = {an.eps.eps:.4f}, "
+               f"trace = {tr}, lambda_max = {an.lambda_max:.4g}, "
+               f"|theta| = {an.param_norm:.2f}, outliers = {an.outliers.count}, spectral type "
+               f"{an.spectral_type.type}; wrote {out / 'analysis.json'}, report.md "
+               f"({payload['wall_seconds']:.1f} s)")
     return 0
 
 

@@ -7,7 +7,9 @@
   ``"mymodule:make_model:width=64,depth=3"`` (Python literals).
 * **Model file** (:func:`load_model_file`): a ``state_dict``; a checkpoint dict holding one
   under ``"model"``, ``"state_dict"``, ``"model_state_dict"`` or ``"net"`` (other keys such as
-  ``"epoch"`` are kept as metadata); a TorchScript archive (``torch.jit.save``); or, with
+  ``"epoch"`` are kept as metadata); a TorchScript archive (``torch.jit.save``; its weights
+  are loaded into the architecture, since a ScriptModule runs neither hooks nor
+  ``torch.func``); or, with
   ``allow_pickle=True`` only (it runs code from the file), a pickled ``nn.Module``. A
   state_dict needs the architecture; TorchScript and pickled modules do not.
 * **Data file** (:func:`load_data_file`): a ``.pt`` (``torch.save``) or ``.npz`` file holding a
@@ -67,7 +69,7 @@ def build_architecture(spec: str, **kwargs: Any) -> nn.Module:
     """
     fn = "hbk.boundary.build_architecture"
     if not isinstance(spec, str) or spec.count(":") < 1:
-        raise ValueError(f"{fn}: expected an architecture 'module:factory' (e.g. "
+        raise TypeError(f"{fn}: expected an architecture 'module:factory' (e.g. "
                          f"'mymodule:make_model'), got {spec!r}")
     mod_name, attr, *rest = spec.split(":", 2)
     if not mod_name or not attr:
@@ -89,10 +91,10 @@ def build_architecture(spec: str, **kwargs: Any) -> nn.Module:
                              f"({getattr(module, '__file__', '?')}), got no such attribute")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ValueError(f"{fn}: expected {spec!r} to be callable, got {type(obj).__name__}")
+        raise TypeError(f"{fn}: expected {spec!r} to be callable, got {type(obj).__name__}")
     model = obj(**kw)
     if not isinstance(model, nn.Module):
-        raise ValueError(f"{fn}: expected {spec!r} to return an nn.Module, got "
+        raise TypeError(f"{fn}: expected {spec!r} to return an nn.Module, got "
                          f"{type(model).__name__}")
     return model
 
@@ -139,7 +141,14 @@ def load_model_file(path: str | os.PathLike, arch: str | nn.Module | None = None
             raise ValueError(f"{fn}: expected a readable TorchScript file, got {path} "
                              f"({first[:200]})") from None
         meta["format"] = "torchscript"
-        return model, meta
+        if arch is None:  # hooks and torch.func do not run on ScriptModules
+            raise ValueError(f"{fn}: expected an architecture (--arch module:factory) to load the "
+                             f"weights of the TorchScript file {path} into (a ScriptModule "
+                             "supports neither forward hooks nor torch.func), got none")
+        sd = {k: v for k, v in model.state_dict().items()}
+        target = build_architecture(arch) if isinstance(arch, str) else arch
+        _load_sd(fn, target, sd, path)
+        return target, meta
     obj = load_torch(fn, path, allow_pickle=allow_pickle,
                      what="a model file (state_dict, checkpoint, TorchScript or module)")
     if isinstance(obj, nn.Module):
@@ -169,13 +178,17 @@ def load_model_file(path: str | os.PathLike, arch: str | nn.Module | None = None
         raise ValueError(f"{fn}: expected an architecture (--arch module:factory) to load the "
                          f"{meta['format']} {path}, got none")
     model = build_architecture(arch) if isinstance(arch, str) else arch
+    _load_sd(fn, model, sd, path)
+    return model, meta
+
+
+def _load_sd(fn: str, model: nn.Module, sd: dict, path: Path) -> None:
     try:
         model.load_state_dict(sd)
     except (RuntimeError, KeyError, TypeError) as err:
         lines = [x.strip() for x in str(err).strip().splitlines()]
         raise ValueError(f"{fn}: expected weights that fit {type(model).__name__} in {path}, got "
                          f"{' '.join(lines[:3])[:300]}") from None
-    return model, meta
 
 
 @dataclass
@@ -197,6 +210,13 @@ class DataFile:
     @property
     def name(self) -> str:
         return Path(self.path).stem
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.X.shape[1:])
+
+    def train_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.X, self.y
 
 
 def _tensor(fn: str, path: Path, name: str, v: Any) -> torch.Tensor:
@@ -278,7 +298,7 @@ def load_data_file(path: str | os.PathLike, *, fn: str = "hbk.boundary.load_data
         if tk is not None:
             test = _pair(fn, path, obj[tk[0]], obj[tk[1]], tk)
     else:
-        raise ValueError(f"{fn}: expected a dict with X and y or a tuple (X, y) in {path}, got "
+        raise TypeError(f"{fn}: expected a dict with X and y or a tuple (X, y) in {path}, got "
                          f"{type(obj).__name__}")
     if test[0] is not None and tuple(test[0].shape[1:]) != tuple(X.shape[1:]):
         raise ValueError(f"{fn}: expected test inputs of shape (m, {', '.join(map(str, X.shape[1:]))})"
