@@ -68,8 +68,11 @@ def build_architecture(spec: str, **kwargs: Any) -> nn.Module:
             that does not return an ``nn.Module`` (each named).
     """
     fn = "hbk.boundary.build_architecture"
-    if not isinstance(spec, str) or spec.count(":") < 1:
-        raise TypeError(f"{fn}: expected an architecture 'module:factory' (e.g. "
+    if not isinstance(spec, str):
+        raise TypeError(f"{fn}: expected an architecture 'module:factory' string, got "
+                        f"{type(spec).__name__}")
+    if spec.count(":") < 1:
+        raise ValueError(f"{fn}: expected an architecture 'module:factory' (e.g. "
                          f"'mymodule:make_model'), got {spec!r}")
     mod_name, attr, *rest = spec.split(":", 2)
     if not mod_name or not attr:
