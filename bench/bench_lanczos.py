@@ -28,10 +28,11 @@ then one double backward per parameter, with create_graph=True as in the referen
 The per-parameter loop is timed on --rows rows spread evenly over the parameters and
 extrapolated to p; those rows are compared with hbk's.
 
-Driver overhead part (--overhead; issue 11 item 1): hbk.hessian_eigs (tol 1e-6, seed 0,
-float64 basis) on the paper MLP above (n = 999) and on LeNet-5 (3x32x32 inputs, 10 classes,
-p = 62,006; torch seed 0, untrained; n = 256 seeded Gaussian images with uniform labels),
-top-10 and top-25, float32 and float64 HVPs, at each --overhead-threads. Per run: products
+Driver overhead part (--overhead; issue 11 item 1): hbk.hessian_eigs (tol 1e-6, seed 0) on
+the paper MLP above (n = 999) and on LeNet-5 (3x32x32 inputs, 10 classes, p = 62,006; torch
+seed 0, untrained; n = 256 seeded Gaussian images with uniform labels), top-10 and top-25,
+float32 HVPs with the default float64 basis and with a float32 basis, and float64 HVPs, at
+each --overhead-threads. Per run: products
 (main phase / total with the multiplicity probe), wall time of the driver, time inside the
 HVPs, and the time outside them as a fraction of the driver's run and of the whole
 hessian_eigs call (operator set-up included), split by the driver's profile: Gram-Schmidt
@@ -283,16 +284,20 @@ def overhead_rows(args) -> list[dict]:
     for threads in args.overhead_threads:
         torch.set_num_threads(threads)
         for name, model, data in models:
-            for hvp_dtype in (torch.float32, torch.float64):
+            # (HVP dtype, basis dtype): the default float64 basis, and a float32 basis with
+            # float32 HVPs (half the Gram-Schmidt traffic; the HVPs bound the accuracy anyway)
+            for hvp_dtype, basis in ((torch.float32, torch.float64), (torch.float32, torch.float32),
+                                     (torch.float64, torch.float64)):
                 for k in args.ks:
                     t0 = time.perf_counter()
                     r = hbk.hessian_eigs(model, F.cross_entropy, data, k=k, tol=1e-6, seed=0,
-                                         hvp_dtype=hvp_dtype)
+                                         hvp_dtype=hvp_dtype, dtype=basis)
                     call = time.perf_counter() - t0
                     prof = r.profile
                     row = {
                         "model": name, "p": int(r.eigenvectors.shape[0]), "n": len(data[1]),
                         "threads": threads, "hvp_dtype": str(hvp_dtype).replace("torch.", ""),
+                        "basis": str(basis).replace("torch.", ""),
                         "k": k, "matvecs": f"{r.main_matvecs}/{r.num_matvecs}",
                         "restarts": r.num_restarts, "converged": f"{int(r.converged.sum())}/{k}",
                         "driver_s": r.total_seconds, "hvp_s": r.matvec_seconds,
@@ -303,7 +308,8 @@ def overhead_rows(args) -> list[dict]:
                         "hvp_method": r.extra.get("hvp_methods"),
                     }
                     rows.append(row)
-                    print(f"  {threads}t {name:22s} {row['hvp_dtype']} k={k:2d} mv {row['matvecs']:>7s} "
+                    print(f"  {threads}t {name:22s} HVP {row['hvp_dtype']} basis {row['basis']} k={k:2d} "
+                          f"mv {row['matvecs']:>7s} "
                           f"driver {r.total_seconds:6.2f} s, HVPs {r.matvec_seconds:6.2f} s "
                           f"({row['ms_per_hvp']:.1f} ms each), outside {r.overhead_fraction:6.1%} "
                           f"of the driver, {row['outside_call']:6.1%} of the call; "
@@ -315,7 +321,7 @@ def overhead_rows(args) -> list[dict]:
 
 def overhead_main(args) -> None:
     rows = overhead_rows(args)
-    cols = [("model", "model"), ("threads", "threads"), ("hvp_dtype", "HVP"), ("k", "k"),
+    cols = [("model", "model"), ("threads", "threads"), ("hvp_dtype", "HVP"), ("basis", "basis"), ("k", "k"),
             ("matvecs", "HVPs main/total"), ("restarts", "restarts"), ("driver_s", "driver s"),
             ("hvp_s", "in HVPs s"), ("ms_per_hvp", "ms/HVP"),
             ("outside_driver", "outside HVPs / driver"), ("outside_call", "outside HVPs / call"),

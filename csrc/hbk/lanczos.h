@@ -60,9 +60,13 @@ struct LanczosOptions {
   // random block (orthogonal to the locked vectors) for pairs more wanted than the k-th:
   // further copies of repeated eigenvalues, which one start vector cannot reach in exact
   // arithmetic, or any pair the first Krylov space missed. Found pairs are converged and
-  // locked, and the probe repeats; it ends when its most wanted Ritz pair settles
-  // (relative residual sqrt(tol), at most 1e-2) below the k-th value, or after as many
-  // products as the main phase needed.
+  // locked, and the probe repeats (at most k + 1 probes). A probe with no find ends after
+  // max(5, r s1) products (the whole deflated space, if smaller), s1 being the products the
+  // main phase needed for its first converged pair and r = min(1, 2 L / (L + log(1/tol))),
+  // L = log(sqrt(dim)): the amplification of a random component (~1/sqrt(dim)) that a
+  // missed pair needs to rise above the k-th value, relative to what convergence took. It
+  // is not started (status kNoRoom / kNoBudget) when ncv - k < 2 b + 2 (ncv < dim) or
+  // max_matvecs does not cover it.
   bool verify = true;
 };
 
@@ -94,6 +98,12 @@ struct LanczosOutput {
 ///   tol * max(|theta_i|, |theta_1|), theta_1 being the most wanted Ritz value. Converged
 ///   pairs are locked (kept in V, dropped from T); when the basis is full it restarts from
 ///   the wanted Ritz vectors (thick restart), keeping about half of the basis.
+///   After all k pairs converged (opts.verify), a probe: the converged pairs are locked and a
+///   fresh random block orthogonal to them starts a new Krylov space; a Ritz value there
+///   more wanted than the k-th value (beyond 10 tol) is a missed pair (e.g. a further copy
+///   of a repeated eigenvalue, which one start vector cannot reach in exact arithmetic): it
+///   is converged and locked, the answer becomes the k most wanted locked pairs, and the
+///   probe repeats. See LanczosOptions::verify for the probe's length.
 ///   Full reorthogonalisation: every new block is orthogonalised against the whole basis
 ///   (locked vectors included) by classical Gram-Schmidt as GEMMs, twice (reorth_twice) or
 ///   after the local recurrence terms with a second pass only when needed (reorth_twice).
