@@ -1054,7 +1054,8 @@ class Analysis(JsonResult):
         """``"exact"`` or ``"lower bound (top-k)"`` (k the eigenvectors examined)."""
         if not self.G_lower_bound:
             return "exact"
-        return f"lower bound (top-{int(self.spectrum.eigenvalues.numel())})"
+        k = self.G_max.num_vectors if self.G_max is not None else self.spectrum.eigenvalues.numel()
+        return f"lower bound (top-{int(k)})"
 
     def G_text(self, digits: int = 4) -> str:
         """``"G_max = 0.0334 (exact)"``, ``"... (lower bound (top-100))"`` or ``"collapsed"``."""
@@ -1351,7 +1352,8 @@ def analyze(
     return Analysis(
         num_params=spectrum.num_params, exact=spectrum.exact,
         G=None if chosen is None else chosen.value, G_rule=rule,
-        G_max=gmax, G_mean=gmean, G_lower_bound=not spectrum.exact, eps=eps, trace=trace,
+        G_max=gmax, G_mean=gmean, G_lower_bound=a_all.shape[1] < spectrum.num_params,
+        eps=eps, trace=trace,
         lambda_max=spectrum.lambda_max, param_norm=parameter_norm(model),
         outliers=count_outliers(spectrum.eigenvalues), collapsed=collapsed,
         collapse_reason=reason, zero_grad_fraction=zero_frac, seconds=secs, spectrum=spectrum,
