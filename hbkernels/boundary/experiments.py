@@ -680,7 +680,8 @@ def _map_rows(entries: Sequence[tuple[str, nn.Module, torch.Tensor, torch.Tensor
 
 
 def _note(row: dict) -> str:
-    g = "collapsed" if row.get("G") is None else f"G = {row['G']:.3f}"
+    g = P.g_note(row.get("G"), lower_bound=bool(row.get("G_lower_bound")),
+                 rule=row.get("G_rule", "max"))
     return f"{g}, tr = {row['trace']:.3g}"
 
 
@@ -991,7 +992,8 @@ def figures(out: str | Path = "results/reproduce", *, datasets: Sequence[str] = 
                 rows.append(P.MapRow(lbl, M.grid_alignment(mm, an.spectrum.top(5), ds.extent,
                                                            settings.resolution),
                                      an.spectrum.eigenvalues[:5], ds.X_train, ds.y_train,
-                                     note=f"G = {an.G:.3f}" if an.G is not None else "collapsed"))
+                                     note=P.g_note(an.G, lower_bound=an.G_lower_bound,
+                                                   rule=an.G_rule)))
             P.plot_alignment_maps(rows, dest / "reparameterization.png",
                                   title="alpha-reparameterisation: same function, different Hessian")
             P.plot_spectra({"normal": rep.before.spectrum.eigenvalues,
