@@ -87,3 +87,66 @@ def test_embedding_png(tmp_path):
     ev = torch.linspace(1, 0, 300)
     _assert_png(P.plot_embedding_alignment([("normal", emb, y, A, ev[:5])], tmp_path / "emb.png",
                                            spectra=[ev]))
+
+
+# ----------------------------------------------------------------------------- issue 10 defects
+@pytest.fixture
+def figures(monkeypatch):
+    """The Figure objects the plot functions save (still written to disk)."""
+    seen = []
+    save = P._save
+
+    def spy(fig, path, dpi):
+        seen.append((fig, dpi))
+        return save(fig, path, dpi)
+
+    monkeypatch.setattr(P, "_save", spy)
+    return seen
+
+
+def test_png_and_pdf_at_print_resolution(tmp_path):
+    from PIL import Image
+
+    X, y = _data()
+    path = P.plot_alignment_maps([P.MapRow("mine", _grid(), None, X, y)], tmp_path / "m.png")
+    assert Image.open(path).info["dpi"][0] == pytest.approx(300, abs=1) and P.DPI == 300
+    pdf = path.with_suffix(".pdf").read_bytes()
+    assert pdf[:5] == b"%PDF-" and len(pdf) > 1000
+
+
+def test_spectra_outliers_are_a_rug_on_the_eigenvalue_axis(tmp_path, figures):
+    bulk = torch.linspace(-1e-3, 1e-3, 300, dtype=torch.float64)
+    ev = torch.cat([bulk, torch.tensor([0.1, 0.03], dtype=torch.float64)])
+    P.plot_spectra({"my net": ev}, tmp_path / "s.png")
+    ax = figures[-1][0].axes[0]
+    rugs = [ln for ln in ax.get_lines() if ln.get_marker() == "|"]
+    assert len(rugs) == 1
+    assert sorted(rugs[0].get_xdata()) == pytest.approx([0.03, 0.1])
+    assert list(rugs[0].get_ydata()) == [0, 0]  # y in axes units: on the eigenvalue axis
+    assert rugs[0].get_transform() == ax.get_xaxis_transform()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["2 outliers"]
+    assert "my net" in ax.get_ylabel()
+
+
+def test_margin_figure_has_a_legend_and_titles_use_the_labels(tmp_path, figures):
+    X, y = _data()
+    res = MarginResult(margin=0.5, x_b=torch.tensor([0.0, 0.1]), x_max=X[0], x_min=X[1],
+                       idx_max=0, idx_min=1, cos_max=0.9, cos_min=-0.8, dist_max=0.5,
+                       dist_min=0.7, chosen=0, restart_objective=[0.1], restart_cos=[0.9],
+                       restart_margin=[0.5], settings={}, seconds=0.1,
+                       x_restarts=torch.tensor([[0.0, 0.1]]))
+    P.plot_margins([("my model", _grid(), res)], X, y, tmp_path / "margin.png")
+    fig = figures[-1][0]
+    labels = [t.get_text() for lg in fig.legends for t in lg.get_texts()]
+    assert "decision boundary" in labels and any("x_b" in t for t in labels)
+    assert any("x_t^{max}" in t for t in labels) and "class 0" in labels
+    A = torch.rand(20, 5) * 2 - 1
+    P.plot_sample_alignment({"half-moon": (A, torch.arange(20) % 2, "")}, tmp_path / "s.png")
+    assert figures[-1][0].axes[0].get_title() == "half-moon"  # not "half-moon initialization"
+
+
+def test_g_note_says_exact_or_lower_bound():
+    assert P.g_note(0.0334, lower_bound=False) == "G_max = 0.033 (exact)"
+    assert P.g_note(0.0066, lower_bound=True, rule="mean", k=100) == \
+        "G_mean >= 0.007 (lower bound, top-100)"
+    assert P.g_note(None, lower_bound=False) == "G collapsed"
