@@ -73,7 +73,7 @@ def user_dir(tmp_path_factory):
 def _run_hbk(args, cwd, module="hbkernels.cli", launcher=()):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
     return subprocess.run([sys.executable, *launcher, "-m", module, *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, check=False)
 
 
 def test_users_cnn_and_data_through_cli_and_api(user_dir, tmp_path):
