@@ -322,7 +322,8 @@ def overhead_rows(args) -> list[dict]:
 def overhead_main(args) -> None:
     rows = overhead_rows(args)
     cols = [("model", "model"), ("threads", "threads"), ("hvp_dtype", "HVP"), ("basis", "basis"), ("k", "k"),
-            ("matvecs", "HVPs main/total"), ("restarts", "restarts"), ("driver_s", "driver s"),
+            ("matvecs", "HVPs main/total"), ("converged", "converged"), ("restarts", "restarts"),
+            ("driver_s", "driver s"),
             ("hvp_s", "in HVPs s"), ("ms_per_hvp", "ms/HVP"),
             ("outside_driver", "outside HVPs / driver"), ("outside_call", "outside HVPs / call"),
             ("orth_s", "Gram-Schmidt s"), ("restart_s", "restarts s"), ("solve_s", "eigensolves s"),
