@@ -311,3 +311,13 @@ def test_two_ranks_shard_the_data_and_match_one_process(tmp_path, lanczos):
     assert two.trace == pytest.approx(one.trace, rel=1e-6)
     torch.testing.assert_close(two.alignments.abs(), one.alignments.abs(), rtol=1e-5, atol=1e-7)
     assert torch.equal(two.labels, one.labels)
+
+
+def test_analyze_with_margin_saves_and_loads(tmp_path):
+    m, X, y = _saturated_mlp()
+    an = B.analyze(m, "ce", (X, y), margin={"steps": 20, "restarts": 2, "seed": 0})
+    assert an.margin is not None and an.margin.margin > 0 and "margin estimate" in an.report()
+    back = B.Analysis.load(an.save(tmp_path / "a.json"))
+    assert back.margin.margin == an.margin.margin and torch.equal(back.margin.x_b, an.margin.x_b)
+    with pytest.raises(ValueError, match="expected loss 'ce', 'nll' or 'mse' for the margin"):
+        B.analyze(m, F.cross_entropy, (X, y), margin=True)

@@ -197,3 +197,15 @@ def test_torchrun_two_ranks_match_one_process(user_dir, tmp_path):
     assert sorted(Path(tmp_path / "two").iterdir()) == [
         tmp_path / "two" / f for f in ("analysis.json", "analysis_full.json", "analysis_full.pt",
                                        "report.md")]
+
+
+def test_analyze_defaults_use_the_memory_rule_not_a_parameter_count():
+    """The issue: train then analyze with defaults gave a lower bound for p = 10,602."""
+    args = cli.build_parser().parse_args(["analyze", "--model", "m.pt"])
+    assert args.max_exact_params is None and args.memory_budget is None
+    from hbkernels.boundary import measures as M
+
+    assert M.exact_spectrum_bytes(10_602) < 4 * 2**30  # the paper's nets: ~3.6 GB in float64
+    assert M.exact_spectrum_fits(10_602, memory_budget=4 * 2**30)
+    assert cli.build_parser().parse_args(
+        ["analyze", "m", "--memory-budget", "1.5G"]).memory_budget == int(1.5 * 2**30)

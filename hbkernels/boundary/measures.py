@@ -1254,6 +1254,9 @@ def analyze(
     if rule not in RULES:
         raise ValueError(f"{fn}: expected rule 'max' or 'mean', got {rule!r}")
     loss_name = loss if callable(loss) else _loss_name(loss)
+    if margin and not isinstance(loss_name, str):
+        raise ValueError(f"{fn}: expected loss 'ce', 'nll' or 'mse' for the margin estimate, "
+                         f"got a callable {getattr(loss_name, '__name__', loss_name)!r}")
     _rank, world = _world()
     if distributed is None:
         distributed = world > 1
