@@ -208,7 +208,7 @@ class ThickRestartLanczos {
         break;
       }
       expand();
-      if (monitor_) monitor_(LanczosProgress{num_mv_, nl_, restarts_});
+      if (monitor_) monitor_(LanczosProgress{num_mv_, std::min(nl_, opts_.k), restarts_});
       const bool full = pending_ == 0 || nl_ + na_ + b_ > opts_.ncv;
       const bool budget = num_mv_ + pending_ > opts_.max_matvecs;
       if (!(full || budget || na_ % check_every() == 0)) continue;
