@@ -321,3 +321,35 @@ def test_analyze_with_margin_saves_and_loads(tmp_path):
     assert back.margin.margin == an.margin.margin and torch.equal(back.margin.x_b, an.margin.x_b)
     with pytest.raises(ValueError, match="expected loss 'ce', 'nll' or 'mse' for the margin"):
         B.analyze(m, F.cross_entropy, (X, y), margin=True)
+
+
+def test_every_paper_result_type_loads_back(tmp_path):
+    """save -> load for each result of hbkernels.boundary (tensors in the .pt beside the JSON)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(),
+                          nn.Linear(4, 2)).double()
+    X = torch.randn(12, 2, dtype=torch.float64)
+    y = (X[:, 0] > 0).long()
+    an = B.analyze(model, "ce", (X, y))
+    spec = B.compute_spectrum(model, (X, y))
+    lin = nn.Linear(2, 2).double()  # boundary x_1 = 0 (a finite margin)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+        lin.bias.zero_()
+    grid = B.alignment_map(model, (-1.0, 1.0, -1.0, 1.0), spec.top(2), resolution=5)
+    results = {
+        "analysis": an, "spectrum": spec, "grid": grid, "threshold": an.eps, "G": an.G_max,
+        "outliers": an.outliers, "spectral_type": an.spectral_type,
+        "bulk": an.bulk_outliers,
+        "distance": M.boundary_distance(lin, X, (-2.0, 2.0, -2.0, 2.0), resolution=20),
+        "reparam": M.reparameterization_report(model, (X, y)),
+        "overlap": M.covariance_overlaps(model, (X, y), spec.top(2), spec.eigenvalues[:2]),
+    }
+    for name, res in results.items():
+        back = type(res).load(res.save(tmp_path / f"{name}.json"))
+        assert type(back) is type(res), name
+        assert json.dumps(back.to_dict(), sort_keys=True, default=str) == json.dumps(
+            res.to_dict(), sort_keys=True, default=str), name
+    assert torch.equal(B.Spectrum.load(tmp_path / "spectrum.json").eigenvectors, spec.eigenvectors)
+    with pytest.raises(ValueError, match="expected a saved Spectrum"):
+        B.Spectrum.load(tmp_path / "grid.json")
