@@ -56,6 +56,7 @@ def unit_rows(G: torch.Tensor) -> torch.Tensor:
 
 
 def eigh_route(H: torch.Tensor, G: torch.Tensor, chunk: int = 1024) -> dict:
+    c0 = time.process_time()
     t0 = time.perf_counter()
     ev, V = torch.linalg.eigh(H)
     t1 = time.perf_counter()
@@ -67,14 +68,17 @@ def eigh_route(H: torch.Tensor, G: torch.Tensor, chunk: int = 1024) -> dict:
         mx[j0 : j0 + chunk], mn[j0 : j0 + chunk] = A.amax(0).double(), A.double().mean(0)
     t2 = time.perf_counter()
     return {"eigenvalues": ev.double().flip(0), "max_abs": mx.flip(0), "mean_abs": mn.flip(0),
-            "seconds": t2 - t0, "stages": {"eigh": t1 - t0, "gemm": t2 - t1}}
+            "seconds": t2 - t0, "cpu_s": time.process_time() - c0,
+            "stages": {"eigh": t1 - t0, "gemm": t2 - t1}}
 
 
 def tri_route(H: torch.Tensor, G: torch.Tensor, dtype: torch.dtype, threads: int) -> dict:
+    c0 = time.process_time()
     t0 = time.perf_counter()
     r = alignment_spectrum(H, G, dtype=dtype, threads=threads)
     return {"eigenvalues": r.eigenvalues, "max_abs": r.max_abs, "mean_abs": r.mean_abs,
-            "seconds": time.perf_counter() - t0, "stages": dict(r.seconds)}
+            "seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+            "stages": dict(r.seconds)}
 
 
 def eps_from_directions(G: torch.Tensor, num: int = 5, seed: int = 42) -> float:
@@ -105,7 +109,7 @@ def agreement(ref: dict, res: dict, eps: float) -> dict:
     return out
 
 
-def timing_rows(args) -> list[dict]:
+def timing_rows(args, save=lambda rows: None) -> list[dict]:
     rows = []
     for p in args.sizes:
         gen = torch.Generator().manual_seed(p)
@@ -119,6 +123,7 @@ def timing_rows(args) -> list[dict]:
         for t in args.threads:
             torch.set_num_threads(t)
             times: dict[str, list[float]] = {"eigh": [], "tri64": [], "tri32": []}
+            cpu: dict[str, list[float]] = {"eigh": [], "tri64": [], "tri32": []}
             stages: dict[str, dict] = {}
             with blas_threads(t):
                 small = torch.eye(64, dtype=torch.float64)
@@ -131,19 +136,24 @@ def timing_rows(args) -> list[dict]:
                     res["tri32"] = tri_route(H, G, torch.float32, t)
                     for k, v in res.items():
                         times[k].append(v["seconds"])
+                        cpu[k].append(v["cpu_s"])
                         stages[k] = v["stages"]
-                    print(f"p={p} threads={t}: " + ", ".join(f"{k} {v['seconds']:.1f} s"
-                                                              for k, v in res.items()), flush=True)
+                    print(f"p={p} threads={t}: " + ", ".join(
+                        f"{k} {v['seconds']:.1f} s (cpu {v['cpu_s']:.1f} s, {v['stages']})"
+                        for k, v in res.items()), flush=True)
             med = {k: statistics.median(v) for k, v in times.items()}
             rows.append({
                 "p": p, "n": args.n, "threads": t, "rounds": args.rounds, "times": times,
+                "cpu_s": cpu, "median_cpu_s": {k: statistics.median(v) for k, v in cpu.items()},
                 "median_s": med, "speedup_tri64": med["eigh"] / med["tri64"],
                 "speedup_tri32": med["eigh"] / med["tri32"], "stages": stages, "eps": eps,
                 "agree_tri64": agreement(res["eigh"], res["tri64"], eps),
                 "agree_tri32": agreement(res["eigh"], res["tri32"], eps),
             })
-            print(json.dumps({k: rows[-1][k] for k in ("p", "threads", "median_s", "speedup_tri64",
-                                                        "speedup_tri32")}), flush=True)
+            print(json.dumps({k: rows[-1][k] for k in ("p", "threads", "median_s", "median_cpu_s",
+                                                        "speedup_tri64", "speedup_tri32")}),
+                  flush=True)
+            save(rows)
     return rows
 
 
@@ -213,13 +223,20 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the result files")
     args = ap.parse_args()
     doc = {"command": "python bench/bench_gmeasure.py " + " ".join(sys.argv[1:]),
-           "env": Hn.environment() if hasattr(Hn, "environment") else {},
-           "timing": timing_rows(args), "mlp": mlp_rows(args) if args.mlp_width else []}
+           "timing": [], "mlp": []}
     name = "gmeasure" + (f"_{args.tag}" if args.tag else "")
     Hn.RESULTS.mkdir(exist_ok=True)
-    (Hn.RESULTS / f"{name}.json").write_text(json.dumps(Hn.jsonable(doc) if hasattr(Hn, "jsonable")
-                                                         else doc, indent=1, default=str))
-    (Hn.RESULTS / f"{name}.md").write_text(markdown(doc))
+
+    def save(rows=None) -> None:  # after every row: a long run keeps what it measured
+        if rows is not None:
+            doc["timing"] = rows
+        (Hn.RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=1, default=str))
+        (Hn.RESULTS / f"{name}.md").write_text(markdown(doc))
+
+    timing_rows(args, save)
+    if args.mlp_width:
+        doc["mlp"] = mlp_rows(args)
+    save()
     print(markdown(doc))
 
 

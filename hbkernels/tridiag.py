@@ -21,8 +21,9 @@ what the call allocates: the ``p x p`` eigenvectors ``S`` of ``T``; a ``p x p`` 
 of ``H`` unless ``overwrite=True`` (freed before ``S`` is made when ``top_vectors=0``); ``U``
 (``n x p``) and a float64 ``n x p`` temporary while normalising; ``(p + 2 n) c`` per GEMM
 chunk; ``n p`` more for ``return_alignments``. Peak: ``b (p^2 + n p + (p + 2 n) c) + 8 n p``
-with ``overwrite=True`` or ``top_vectors=0`` (``b p^2`` more otherwise); the input ``H`` is
-the caller's. ``torch.linalg.eigh`` with vectors allocates the ``p x p`` output and a
+with ``overwrite=True``, or with one thread and ``top_vectors=0`` (``b p^2`` more otherwise:
+with two threads ``stemr`` runs beside ``ormtr``, so ``S`` and the copy coexist); the input
+``H`` is the caller's. ``torch.linalg.eigh`` with vectors allocates the ``p x p`` output and a
 ``syevd`` workspace of about ``2 p^2`` beside the input.
 
 LAPACK is scipy's (``scipy.linalg.lapack`` for ``sytrd``; ``ormtr`` and ``stemr`` through the
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -326,21 +328,31 @@ def alignment_spectrum(
                  raw=True)
         secs["sytrd"] = time.perf_counter() - t
 
-        # 2. U = Ghat Q: rows of unit gradients (zero rows stay zero), Q^T applied in place.
+        # 3. All eigenpairs of T in one MRRR call (range "A": dqds eigenvalues; separate
+        # index-range calls can return one vector twice across a split cluster). With two or
+        # more threads it runs beside step 2 (stemr is sequential; ctypes releases the GIL).
         t = time.perf_counter()
+        overlap = threads > 1
+        pool = ThreadPoolExecutor(1) if overlap else None
+        future = pool.submit(_stemr, d, e, 1, p) if pool is not None else None
+
+        # 2. U = Ghat Q: rows of unit gradients (zero rows stay zero), Q^T applied in place.
+        t2 = time.perf_counter()
         safe = torch.where(gnorm > 0, gnorm, torch.ones_like(gnorm))
         U = (grads.detach().double() / safe[:, None]).to(dtype).contiguous()
-        _ormtr(work, tau, U.numpy().T, "T")  # (p, n) F-ordered view of U
-        secs["ormtr"] = time.perf_counter() - t
+        with _blas_threads(threads - 1) if overlap else nullcontext():
+            _ormtr(work, tau, U.numpy().T, "T")  # (p, n) F-ordered view of U
+        secs["ormtr"] = time.perf_counter() - t2
 
-        # 3. All eigenpairs of T in one MRRR call (range "A": dqds eigenvalues; separate
-        # index-range calls can return one vector twice across a split cluster).
-        t = time.perf_counter()
         if not top_vectors:
             del work  # our copy is freed here; with overwrite=True H stays the caller's
-        w, S, fell_back = _stemr(d, e, 1, p)
+        if future is not None:
+            w, S, fell_back = future.result()
+            pool.shutdown()
+        else:
+            w, S, fell_back = _stemr(d, e, 1, p)
         del d, e
-        secs["stemr"] = time.perf_counter() - t
+        secs["stemr"] = time.perf_counter() - t  # overlapping ormtr when threads > 1
         vectors = None
         if top_vectors:  # v_j = Q s_j for the top k only
             V = np.asfortranarray(S[:, ::-1][:, :top_vectors])
@@ -369,7 +381,7 @@ def alignment_spectrum(
     secs["total"] = time.perf_counter() - t0
     own = not (overwrite and H.dtype == dtype and H.is_contiguous())
     chunk = min(chunk, p)
-    peak = p * p * (2 if own and top_vectors else 1) + n * p + (p + 2 * n) * chunk
+    peak = p * p * (2 if own and (top_vectors or threads > 1) else 1) + n * p + (p + 2 * n) * chunk
     peak = nbytes * (peak + (n * p if return_alignments else 0)) + 8 * n * p
     return AlignmentSpectrum(
         eigenvalues=evals, max_abs=max_abs, mean_abs=mean_abs, num_samples=n,

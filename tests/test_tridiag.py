@@ -120,13 +120,17 @@ def test_float32_agrees_where_gaps_allow(p):
         assert r.count(eps) == _count(stat, eps, "max")
 
 
-def test_overwrite_threads_and_chunks_same_answer():
+def test_overwrite_threads_and_chunks_same_answer(monkeypatch):
+    import hbkernels.tridiag as td
+
+    monkeypatch.setattr(td, "_PARALLEL_MIN_P", 0)  # threads=2 runs stemr beside ormtr
     p, n = 80, 10
     H, G = _sym(p, 11), _grads(n, p, 12)
     keep = H.clone()
     base = alignment_spectrum(H, G, return_alignments=True)
     assert torch.equal(H, keep)  # overwrite=False leaves H alone
-    for kw in ({"chunk": 9, "threads": 2}, {"chunk": 1}, {"overwrite": True}):
+    for kw in ({"chunk": 9, "threads": 2}, {"chunk": 1}, {"overwrite": True},
+               {"overwrite": True, "threads": 2, "top_vectors": 3}):
         Hc = H.clone()
         r = alignment_spectrum(Hc, G, return_alignments=True, **kw)
         torch.testing.assert_close(r.eigenvalues, base.eigenvalues, rtol=0, atol=1e-12)
