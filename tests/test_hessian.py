@@ -555,3 +555,17 @@ def test_ignored_targets_with_a_sum_loss(method) -> None:
     H = reference_hessian(model, loss_fn, [(X, y)])  # weight 1 for one batch
     Hx = hbk.exact_hessian(model, loss_fn, [(X[:6], y[:6]), (X[6:], y[6:])], method=method)
     torch.testing.assert_close(Hx, H, atol=1e-12, rtol=1e-9)
+
+
+def test_hessian_eigs_streamed_sum_loss() -> None:
+    """Eigenpairs of a "sum" loss over a streamed DataLoader (uneven last batch)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = mlp()
+    X, y = cls_data(23)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    H = reference_hessian(model, loss_fn, [(X, y)])
+    loader = DataLoader(TensorDataset(X, y), batch_size=10)
+    res = hbk.hessian_eigs(model, loss_fn, loader, k=3, tol=1e-10, seed=0, cache=False)
+    torch.testing.assert_close(res.eigenvalues, torch.linalg.eigvalsh(H).flip(0)[:3], atol=1e-8, rtol=1e-8)
+    assert res.extra["num_samples"] == 23 and res.extra["hvp_methods"]["block"] == "linear_chain"
