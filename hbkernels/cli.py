@@ -705,10 +705,8 @@ def _analyze(args) -> int:
          + ("" if payload["test_acc"] is None else f", test accuracy {payload['test_acc']:.4f}")
          + "\n", "\n## Figures\n\n"] + [f"![{f}]({f})\n" for f in figs])
     atomic_write_text(out / "report.md", report)
-    g = ("collapsed (" + str(an.collapse_reason) + ")" if an.G is None
-         else f"{an.G:.4f} ({label})")
     tr = "n/a" if an.trace is None else f"{an.trace:.4g}"
-    _say(args, f"{ds.name}: p = {an.num_params}, G_{args.rule} = {g}, eps = {an.eps.eps:.4f}, "
+    _say(args, f"{ds.name}: p = {an.num_params}, {an.G_text()}, eps = {an.eps.eps:.4f}, "
                f"trace = {tr}, lambda_max = {an.lambda_max:.4g}, "
                f"|theta| = {an.param_norm:.2f}, outliers = {an.outliers.count}, spectral type "
                f"{an.spectral_type.type}; wrote {out / 'analysis.json'}, report.md "

@@ -148,5 +148,5 @@ def test_margin_figure_has_a_legend_and_titles_use_the_labels(tmp_path, figures)
 def test_g_note_says_exact_or_lower_bound():
     assert P.g_note(0.0334, lower_bound=False) == "G_max = 0.033 (exact)"
     assert P.g_note(0.0066, lower_bound=True, rule="mean", k=100) == \
-        "G_mean >= 0.007 (lower bound, top-100)"
+        "G_mean >= 0.007, lower bound (top-100)"
     assert P.g_note(None, lower_bound=False) == "G collapsed"

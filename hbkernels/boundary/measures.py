@@ -963,7 +963,7 @@ def compute_spectrum(
         return Spectrum(evals, evecs, p, True, "exact", time.perf_counter() - t0,
                         trace=float(evals.sum()))
     kk = min(p, k or 100)
-    res = hbk.hessian_eigs(m, loss_fn, (X, y), kk, which="LA", tol=tol, seed=seed)
+    res = hbk.hessian_eigs(m, loss_fn, (X, y), kk, which="LA", tol=tol, seed=seed, quiet=quiet)
     op = hbk.HessianOperator(m, loss_fn, (X, y))
     trace = float(hbk.hessian_trace(op, num_probes=trace_samples, seed=seed).estimate)
     return Spectrum(res.eigenvalues.double(), res.eigenvectors, p, False, "lanczos",
@@ -1058,10 +1058,13 @@ class Analysis(JsonResult):
         return f"lower bound (top-{int(k)})"
 
     def G_text(self, digits: int = 4) -> str:
-        """``"G_max = 0.0334 (exact)"``, ``"... (lower bound (top-100))"`` or ``"collapsed"``."""
+        """``"G_max = 0.0334 (exact)"``, ``"G_max >= 0.0066, lower bound (top-100)"`` or
+        ``"G collapsed (reason)"``."""
         if self.G is None:
             return f"G collapsed ({self.collapse_reason})"
-        return f"G_{self.G_rule} = {self.G:.{digits}f} ({self.G_label})"
+        if self.G_lower_bound:
+            return f"G_{self.G_rule} >= {self.G:.{digits}f}, {self.G_label}"
+        return f"G_{self.G_rule} = {self.G:.{digits}f} (exact)"
 
     def report(self) -> str:
         """A short Markdown report of the scalars."""
@@ -1162,7 +1165,8 @@ def _distributed_spectrum(m: nn.Module, loss: str | Callable, local: tuple, *, k
         return Spectrum(evals.double(), evecs, p, True, "exact", time.perf_counter() - t0,
                         trace=float(evals.double().sum()))
     kk = min(p, k or 100)
-    res = distributed_hessian_eigs(m, loss_fn, local, kk, which="LA", tol=1e-8, seed=seed)
+    res = distributed_hessian_eigs(m, loss_fn, local, kk, which="LA", tol=1e-8, seed=seed,
+                                   quiet=quiet)
     op = DistributedHessianOperator(m, loss_fn, local)
     trace = float(hbk.hessian_trace(op, num_probes=99, seed=seed).estimate)
     return Spectrum(res.eigenvalues.double(), res.eigenvectors, p, False, "lanczos",

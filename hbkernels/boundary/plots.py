@@ -85,13 +85,13 @@ def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
 
 def g_note(G: float | None, *, lower_bound: bool, rule: str = "max", k: int | None = None,
            digits: int = 3) -> str:
-    """The figure label of G: ``"G_max = 0.033 (exact)"`` or ``"G_max >= 0.007 (lower bound,
-    top-100)"``; ``"G collapsed"`` for None."""
+    """The figure label of G: ``"G_max = 0.033 (exact)"`` or ``"G_max >= 0.007, lower bound
+    (top-100)"``; ``"G collapsed"`` for None."""
     if G is None:
         return "G collapsed"
     if lower_bound:
-        top = f", top-{k}" if k else ""
-        return f"G_{rule} >= {G:.{digits}f} (lower bound{top})"
+        top = f" (top-{k})" if k else ""
+        return f"G_{rule} >= {G:.{digits}f}, lower bound{top}"
     return f"G_{rule} = {G:.{digits}f} (exact)"
 
 
