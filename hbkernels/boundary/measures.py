@@ -8,6 +8,13 @@ Conventions (paper Eqs. 1, 2, 6; reference_setup.md sections 4-6):
   signed cosine (a zero gradient gives 0).
 * The threshold ``eps`` is the mean, over ``num_directions`` (5) random unit Gaussian directions
   ``r``, of ``max_s |cos(g(x_s), r)|`` over the training points (seeded; default seed 42).
+* Round-off rule (:func:`roundoff_mask`): eps and G use only the training points with
+  ``|g_s| > 100 * max(eps_mach(dtype), eps_mach(float32)) * max_t |g_t|``; a gradient below
+  that carries no direction, and the float32 floor makes float32 and float64 copies of one
+  model drop the same points (``Analysis.num_roundoff`` counts them).
+* The exact spectrum is used whenever ``4 p^2`` floats fit the memory budget
+  (:func:`exact_spectrum_fits`; default half the available memory), else the top-k Lanczos
+  part, and ``G`` is then a lower bound, labelled "lower bound (top-k)".
 * ``G`` counts the Hessian eigenvectors with a non-zero alignment with the training gradients,
   divided by ``p``. ``rule="max"`` (default) marks ``v_i`` when ``max_s |A_i(x_s)| >= eps`` (what
   the reference code and its Table 1 use); ``rule="mean"`` marks it when
