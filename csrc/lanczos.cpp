@@ -41,7 +41,7 @@ Which parse_which(const std::string& which) {
 
 namespace {
 
-constexpr int64_t PROBE_MIN = 5;
+constexpr int64_t PROBE_MIN = 10;
 
 using Clock = std::chrono::steady_clock;
 
@@ -553,7 +553,10 @@ class ThickRestartLanczos {
       status_ = VerifyStatus::kComplete;
       return false;
     }
-    if (opts_.ncv != dim_ && opts_.ncv - nl_new < 2 * b_ + 2) {
+    // Locked pairs pushed out of the k most wanted by an earlier probe's finds are dropped
+    // below (they rank after the threshold, so finding them again is no detection).
+    const int64_t nl_probe = std::min(nl_new, opts_.k);
+    if (opts_.ncv != dim_ && opts_.ncv - nl_probe < 2 * b_ + 2) {
       status_ = VerifyStatus::kNoRoom;
       return false;
     }
@@ -575,6 +578,23 @@ class ThickRestartLanczos {
     auto t0 = Clock::now();
     compress(wanted, static_cast<int64_t>(wanted.size()));
     nl_ = nl_new;
+    if (nl_ > opts_.k) {
+      std::vector<int64_t> idx(static_cast<size_t>(nl_));
+      std::iota(idx.begin(), idx.end(), 0);
+      std::stable_sort(idx.begin(), idx.end(),
+                       [&](int64_t a, int64_t b) { return before(lock_vals_[a], lock_vals_[b]); });
+      idx.resize(static_cast<size_t>(opts_.k));
+      std::sort(idx.begin(), idx.end());
+      at::Tensor ii = at::from_blob(idx.data(), {opts_.k}, at::TensorOptions().dtype(at::kLong))
+                          .clone()
+                          .to(Q_.device());
+      Q_.narrow(0, 0, opts_.k).copy_(Q_.index_select(0, ii));
+      if (P_.defined()) P_.narrow(0, 0, opts_.k).copy_(P_.index_select(0, ii));
+      std::vector<double> vals;
+      for (int64_t i : idx) vals.push_back(lock_vals_[i]);
+      lock_vals_.swap(vals);
+      nl_ = opts_.k;
+    }
     na_ = 0;
     std::fill(T_.begin(), T_.end(), 0.0);
     at::Tensor W = at::empty({b_, dim_}, Q_.options());

@@ -225,7 +225,7 @@ def lanczos(
             direction of each eigenspace, so further copies of a repeated eigenvalue (and any
             wanted pair the first space missed) appear there as Ritz values more wanted than
             the k-th (by more than ``10 tol``); they are converged and locked and the probe
-            repeats. A probe that finds nothing ends after ``max(5, r s1)`` products, s1 being
+            repeats. A probe that finds nothing ends after ``max(10, r s1)`` products, s1 being
             those the main phase needed for its first converged pair and ``r = min(1, 2L / (L
             + log(1/tol)))``, ``L = log(sqrt(dim))`` (the share of that convergence a random
             component needs to rise above the k-th value, doubled). A repeated eigenvalue is

@@ -61,7 +61,7 @@ struct LanczosOptions {
   // further copies of repeated eigenvalues, which one start vector cannot reach in exact
   // arithmetic, or any pair the first Krylov space missed. Found pairs are converged and
   // locked, and the probe repeats (at most k + 1 probes). A probe with no find ends after
-  // max(5, r s1) products (the whole deflated space, if smaller), s1 being the products the
+  // max(10, r s1) products (the whole deflated space, if smaller), s1 being the products the
   // main phase needed for its first converged pair and r = min(1, 2 L / (L + log(1/tol))),
   // L = log(sqrt(dim)): the amplification of a random component (~1/sqrt(dim)) that a
   // missed pair needs to rise above the k-th value, relative to what convergence took. It
