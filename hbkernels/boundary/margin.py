@@ -16,8 +16,8 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Sequence
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ from torch.func import functional_call, grad, vmap
 from ..params import num_params, trainable_parameters, unflatten_like
 from .measures import JsonResult, _model_dtype, gradient_alignment
 
-__all__ = ["boundary_objective", "find_boundary_points", "MarginResult", "estimate_margin"]
+__all__ = ["MarginResult", "boundary_objective", "estimate_margin", "find_boundary_points"]
 
 REFERENCE_STEPS = 20_000
 REFERENCE_MILESTONE_FRACTION = 0.25  # step 5 000 of 20 000

@@ -35,13 +35,11 @@ Every result object has ``to_dict()`` (JSON-serialisable) and ``save(path)``.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,46 +52,46 @@ from ..params import flatten_params, num_params
 from ..results import Result, to_jsonable
 
 __all__ = [
-    "to_jsonable",
-    "JsonResult",
-    "loss_fn_for",
-    "as_dtype_model",
-    "parameter_norm",
-    "gradient_alignment",
-    "make_grid",
-    "plane_grid",
-    "predict",
-    "GridAlignment",
-    "grid_alignment",
-    "plane_alignment",
-    "boundary_mask",
-    "BoundaryDistance",
-    "boundary_distance",
-    "boundary_peak_report",
-    "random_directions",
     "ROUNDOFF_FACTOR",
-    "roundoff_tolerance",
-    "roundoff_mask",
+    "Analysis",
+    "BoundaryDistance",
+    "CovarianceOverlap",
+    "GMeasure",
+    "GridAlignment",
+    "JsonResult",
+    "Outliers",
+    "ReparamReport",
+    "Spectrum",
+    "Threshold",
+    "alignment_map",
+    "analyze",
+    "as_dtype_model",
+    "boundary_distance",
+    "boundary_mask",
+    "boundary_peak_report",
+    "class_spectra",
+    "compute_spectrum",
+    "count_outliers",
+    "covariance_overlaps",
     "exact_spectrum_bytes",
     "exact_spectrum_fits",
-    "alignment_map",
-    "threshold_from_alignments",
-    "Threshold",
-    "random_direction_threshold",
-    "GMeasure",
     "generalization_measure",
-    "Outliers",
-    "count_outliers",
-    "Spectrum",
-    "compute_spectrum",
-    "Analysis",
-    "analyze",
-    "class_spectra",
-    "reparameterize",
-    "ReparamReport",
+    "gradient_alignment",
+    "grid_alignment",
+    "loss_fn_for",
+    "make_grid",
+    "parameter_norm",
+    "plane_alignment",
+    "plane_grid",
+    "predict",
+    "random_direction_threshold",
+    "random_directions",
     "reparameterization_report",
-    "CovarianceOverlap",
-    "covariance_overlaps",
+    "reparameterize",
+    "roundoff_mask",
+    "roundoff_tolerance",
+    "threshold_from_alignments",
+    "to_jsonable",
 ]
 
 RULES = ("max", "mean")
@@ -204,9 +202,9 @@ def gradient_alignment(
     n = inputs.shape[0]
     if isinstance(labels, torch.Tensor) and labels.shape[0] != n:
         raise ValueError(f"{fn}: expected labels of shape ({n},), got {tuple(labels.shape)}")
-    if isinstance(labels, str) and labels == "true":
-        if targets is None or targets.shape[0] != n:
-            raise ValueError(f"{fn}: expected targets of shape ({n},) with labels='true', got {targets}")
+    if isinstance(labels, str) and labels == "true" and (targets is None or targets.shape[0] != n):
+        got = None if targets is None else tuple(targets.shape)
+        raise ValueError(f"{fn}: expected targets of shape ({n},) with labels='true', got {got}")
     step = n if batch_size is None else int(batch_size)
     out = []
     for i in range(0, n, max(step, 1)):
@@ -964,7 +962,7 @@ def compute_spectrum(
         if memory_budget is not None:
             kw["memory_budget"] = int(memory_budget)
         evals, evecs = hbk.hessian_spectrum(m, loss_fn, (X, y), dtype=_model_dtype(m), **kw)
-        evals, evecs = evals.double(), evecs
+        evals = evals.double()
         if not torch.isfinite(evals).all():
             raise ValueError("hbk.boundary.compute_spectrum: expected finite eigenvalues, got NaN/inf")
         return Spectrum(evals, evecs, p, True, "exact", time.perf_counter() - t0,
