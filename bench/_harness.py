@@ -148,14 +148,14 @@ class Tool:
 
 def run_tools(tools: list[Tool], check: Callable[[Any], tuple[bool, float | None, str]],
               repeats: int, *, task: str, case: str, device: str = "cpu",
-              slow_s: float = 20.0, extra: dict | None = None) -> list[dict]:
+              slow_s: float = 5.0, extra: dict | None = None) -> list[dict]:
     """Warm-up + agreement check per tool, then interleaved timed repeats.
 
     Args:
         tools: the contenders (exactly one with ``ours=True`` for the ratio column).
         check: ``check(answer) -> (agrees, accuracy, accuracy_text)``.
-        repeats: timed calls per tool after the warm-up (fewer for a tool whose warm-up
-            took longer than ``slow_s``; the row says how many).
+        repeats: timed calls per tool after the warm-up (none for a tool whose warm-up took
+            longer than ``slow_s``: its warm-up time is its time; the row says "warm-up").
         task, case: labels for the rows.
 
     Returns:
@@ -181,13 +181,15 @@ def run_tools(tools: list[Tool], check: Callable[[Any], tuple[bool, float | None
             del ans
         except Exception as e:  # noqa: BLE001 - any failure becomes the row's status
             row["status"] = "FAIL (error: " + first_line(e) + ")"
+            print(f"    {case}: {t.name}: {row['status']}", flush=True)
             continue
+        print(f"    {case}: {t.name}: warm-up {first:.3g} s, {acc_text}", flush=True)
         row.update(accuracy=acc, accuracy_text=acc_text, warmup_s=first * t.scale,
                    peak_mb=None if mem.extra_mb is None else mem.extra_mb * t.scale)
         if not agrees:
             row["status"] = f"FAIL (disagrees: {acc_text})"
             continue
-        live.append((t, fn, row, 1 if first > slow_s else repeats))
+        live.append((t, fn, row, 0 if first > slow_s else repeats))
     for r in range(max((x[3] for x in live), default=0)):
         for t, fn, row, reps in live:
             if r >= reps:
@@ -299,7 +301,7 @@ def tool_table(rows: list[dict]) -> str:
             "case": r["case"], "tool": ("**" + r["tool"] + "**") if r["ours"] else r["tool"],
             "time": (f"{r['median_s']:.3g} s" + (f" ±{100 * r['spread']:.0f}%"
                                                  if r.get("spread") is not None else "")
-                     + (f" ({r['repeats']}x)" if r.get("repeats") is not None else ""))
+                     + (f" ({r['repeats']}x)" if r.get("repeats") else " (warm-up)"))
             if ok else r["status"],
             "ratio": f"{r['ratio']:.2f}" if ok and r.get("ratio") else "",
             "accuracy": r.get("accuracy_text", ""),

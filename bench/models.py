@@ -151,7 +151,7 @@ def _train(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss_fn, steps: i
 
 # (n, size knob) per model: full and smoke.
 SIZES = {
-    "full": {"mlp": (999, 100), "cnn": (128, 3), "lenet5": (64, 10), "resnet": (32, 8),
+    "full": {"mlp": (999, 100), "cnn": (48, 3), "lenet5": (32, 10), "resnet": (32, 8),
              "transformer": (128, 16), "mlpreg": (256, 64)},
     "smoke": {"mlp": (60, 12), "cnn": (8, 3), "lenet5": (8, 10), "resnet": (4, 2),
               "transformer": (8, 8), "mlpreg": (32, 8)},
