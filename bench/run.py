@@ -110,7 +110,8 @@ def _ratio_summary(rows: list[dict]) -> list[dict]:
             cases.setdefault((r["task"], r["case"]), []).append(r)
     for (task, case), rs in cases.items():
         ours = next((r for r in rs if r["ours"]), None)
-        others = [r for r in rs if not r["ours"] and r["status"] == H.OK and r.get("ratio")]
+        others = [r for r in rs if not r["ours"] and r["status"] == H.OK and r.get("ratio")
+                  and not r["tool"].startswith("hbk")]
         if ours is None:
             continue
         best = min(others, key=lambda r: r["median_s"], default=None)

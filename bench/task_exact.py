@@ -115,7 +115,7 @@ def run(scale: str, repeats: int, models: list[str]) -> list[dict]:
 
         def check(ans, truth=truth, hmax=hmax):
             err = float((ans.double() - truth).abs().max()) / hmax
-            return err <= AGREE, err, f"max |dH|/max|H| {err:.1e}"
+            return err <= AGREE, err, f"max abs err / max abs H {err:.1e}"
 
         rows += H.run_tools(tools(case, idx), check, repeats, task="exact",
                             case=f"{name} (p={case.p}, n={case.n})",

@@ -180,7 +180,7 @@ def _case_rows(case: Case, k: int, ops: tuple[str, ...], scale: str, repeats: in
             t = truth[:ans.shape[0]]  # a subset run (the paper loop) covers the first rows
             if op == "align":
                 err = float((ans - t).abs().max())
-                return err <= AGREE, err, f"max |dcos| {err:.1e}"
+                return err <= AGREE, err, f"max abs cos err {err:.1e}"
             err = float((ans - t).abs().max() / t.abs().max())
             return err <= AGREE, err, f"max rel err {err:.1e}"
 
