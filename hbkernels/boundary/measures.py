@@ -35,6 +35,7 @@ Every result object has ``to_dict()`` (JSON-serialisable) and ``save(path)``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -1021,7 +1022,8 @@ class Analysis(JsonResult):
     training points whose gradient is above round-off (:func:`roundoff_mask`;
     ``num_roundoff`` of them were left out). ``spectral_type`` and ``bulk_outliers`` are the
     readings of :mod:`hbkernels.boundary.spectra`. ``alignments`` (``(n, k_keep)`` training
-    alignments with the top eigenvectors), ``spectrum`` (eigenvectors included), ``labels``
+    alignments with the top eigenvectors), ``spectrum`` (all eigenvalues, the top ``keep``
+    eigenvectors; :func:`compute_spectrum` gives all of them), ``labels``
     and the optional ``per_class`` spectra and ``margin`` go into the tensor file on ``save``;
     ``to_dict`` holds the scalars only.
     """
@@ -1128,6 +1130,15 @@ class Analysis(JsonResult):
                 c: s.lambda_max for c, s in self.per_class.items()},
             "margin": None if self.margin is None else self.margin.margin,
         }
+
+
+def _top_vectors_only(spectrum: Spectrum, keep: int) -> Spectrum:
+    """The spectrum with its top-``keep`` eigenvectors only (all eigenvalues): what an
+    :class:`Analysis` keeps, so that it stays small on disk (``p x keep``, not ``p x p``)."""
+    V = spectrum.eigenvectors
+    if V is None or V.shape[1] <= keep:
+        return spectrum
+    return dataclasses.replace(spectrum, eigenvectors=V[:, :keep].clone())
 
 
 def _world() -> tuple[int, int]:
@@ -1368,7 +1379,8 @@ def analyze(
         eps=eps, trace=trace,
         lambda_max=spectrum.lambda_max, param_norm=parameter_norm(model),
         outliers=count_outliers(spectrum.eigenvalues), collapsed=collapsed,
-        collapse_reason=reason, zero_grad_fraction=zero_frac, seconds=secs, spectrum=spectrum,
+        collapse_reason=reason, zero_grad_fraction=zero_frac, seconds=secs,
+        spectrum=_top_vectors_only(spectrum, keep),
         alignments=a_all[:, :keep].clone(), labels=y.cpu(), spectral_type=st, bulk_outliers=bo,
         num_roundoff=n_round, num_classes=C, per_class=pcs, margin=mr, names=dict(names or {}),
         world_size=world if distributed else 1,
