@@ -684,14 +684,20 @@ def random_direction_threshold(
         :class:`Threshold`.
     """
     r = random_directions(num_params(model), num_directions, seed, dtype=_model_dtype(model))
-    a = gradient_alignment(model, inputs, r, labels=labels, targets=targets, loss=loss)
     keep = tol = None
-    if roundoff_factor is not None:
-        kw: dict[str, Any] = {"labels": labels, "loss": loss}
+    if roundoff_factor is None:
+        a = gradient_alignment(model, inputs, r, labels=labels, targets=targets, loss=loss)
+    else:  # alignments and norms from one per-sample pass
+        dtype, device = _model_dtype(model), _model_device(model)
+        kw: dict[str, Any] = {"loss": loss}
+        kw["labels"] = labels.to(device) if isinstance(labels, torch.Tensor) else labels
         if isinstance(labels, str) and labels == "true":
-            kw["targets"] = targets
-        norms = hbk.gradient_norms(model, inputs.to(_model_dtype(model)), **kw).detach().cpu()
-        tol = roundoff_tolerance(norms, _model_dtype(model), factor=roundoff_factor)
+            kw["targets"] = None if targets is None else targets.to(device)
+        prod = hbk.per_sample_products(model, inputs.to(device=device, dtype=dtype), norms=True,
+                                       vectors=r.to(device), **kw)
+        a = prod.alignment["vectors"].detach().cpu()
+        norms = prod.norms.detach().cpu()
+        tol = roundoff_tolerance(norms, dtype, factor=roundoff_factor)
         keep = norms.double() > tol
     return _threshold(a, num_directions, seed, keep=keep, tol=tol)
 
