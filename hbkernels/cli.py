@@ -648,11 +648,20 @@ def _analyze(args) -> int:
         an.margin = mr
         payload["margin"] = mr.to_dict()
     if not args.no_figures:
-        _say(args, "hbk analyze: figures ...")
+        from tqdm.auto import tqdm
+
+        two_d = X.dim() == 2 and X.shape[1] == 2
+        bar = tqdm(total=3 + int(mr is not None) if two_d else 4, desc="hbk analyze: figures",
+                   unit="fig", disable=quiet, leave=False)
+
+        def done(name: str) -> None:
+            figs.append(name)
+            bar.update(1)
+
         note = P.g_note(an.G, lower_bound=an.G_lower_bound, rule=an.G_rule,
                         k=int(an.spectrum.eigenvalues.numel()))
         extent = getattr(ds, "extent", None)
-        if X.dim() == 2 and X.shape[1] == 2:
+        if two_d:
             if extent is None:
                 lo, hi = X.double().amin(0), X.double().amax(0)
                 pad = 0.1 * (hi - lo).clamp_min(1e-6)
@@ -662,19 +671,19 @@ def _analyze(args) -> int:
             P.plot_alignment_maps([P.MapRow(f"{names['model']} on {ds.name}", g,
                                             an.spectrum.eigenvalues[:k], X, y, note)],
                                   out / "alignment_maps.png")
-            figs.append("alignment_maps.png")
+            done("alignment_maps.png")
             payload["boundary_peaks"] = M.boundary_peak_report(g)
             if mr is not None:
                 P.plot_margins([(f"{names['model']} on {ds.name}", g, mr)], X, y,
                                out / "margin.png")
-                figs.append("margin.png")
+                done("margin.png")
         else:
             emb = P.tsne_embedding(X, seed=args.seed)
             P.plot_embedding_alignment([(ds.name, emb, y, an.alignments,
                                          an.spectrum.eigenvalues[:k])],
                                        out / "embedding_alignment.png", k=k,
                                        spectra=[an.spectrum.eigenvalues])
-            figs.append("embedding_alignment.png")
+            done("embedding_alignment.png")
             classes = [int(c) for c in torch.unique(y)]
             anchors = [int((y == c).nonzero()[0]) for c in classes][:3]
             if len(anchors) < 3:  # fewer than three classes: add other training points
@@ -688,12 +697,14 @@ def _analyze(args) -> int:
                                                 axis_labels=("a", "b"))],
                                       out / "plane_alignment.png",
                                       title=f"plane through training inputs {anchors}")
-                figs.append("plane_alignment.png")
+                done("plane_alignment.png")
         P.plot_spectra({f"{names['model']} ({label})": an.spectrum.eigenvalues},
                        out / "spectrum.png")
         P.plot_sample_alignment({f"{names['model']} on {ds.name}": (an.alignments, y, note)},
                                 out / "sample_alignment.png")
-        figs += ["spectrum.png", "sample_alignment.png"]
+        done("spectrum.png")
+        done("sample_alignment.png")
+        bar.close()
     figs_all = figs + [f.replace(".png", ".pdf") for f in figs if "pdf" in P.FORMATS]
     payload["figures"] = figs
     payload["figures_pdf"] = [f for f in figs_all if f.endswith(".pdf")]
