@@ -77,7 +77,7 @@ def training_rows(scale: str, repeats: int) -> list[dict]:
     from hbkernels.boundary import TrainConfig, load_dataset, make_model, train, train_batched
 
     ds = load_dataset("gauss")
-    E = 500 if scale == "full" else 20
+    E = 300 if scale == "full" else 20
     ref_acc: dict = {}
 
     def acc(model) -> float:
