@@ -42,6 +42,7 @@ The HVP operator is whatever hbkernels.HessianOperator does in the tree ("auto" 
 The machine is shared: timings are noisy. Usage:
   python bench/bench_lanczos.py [--quick]
   python bench/bench_lanczos.py --overhead [--overhead-threads 1 2] [--lenet-n 256] [--ks 10 25]
+      [--models mlp lenet]
 """
 
 from __future__ import annotations
@@ -278,12 +279,13 @@ def overhead_rows(args) -> list[dict]:
     train(mlp, X, y, epochs=200)
     torch.manual_seed(0)
     lenet = LeNet5((3, 32, 32), 10)
-    models = [("paper MLP 2-100-100-3", mlp, (X, y)),
-              ("LeNet-5 3x32x32", lenet, lenet_data(args.lenet_n))]
+    models = [m for m in [("paper MLP 2-100-100-3", mlp, (X, y), "mlp"),
+                          ("LeNet-5 3x32x32", lenet, lenet_data(args.lenet_n), "lenet")]
+              if m[3] in args.models]
     rows = []
     for threads in args.overhead_threads:
         torch.set_num_threads(threads)
-        for name, model, data in models:
+        for name, model, data, _ in models:
             # (HVP dtype, basis dtype): the default float64 basis, and a float32 basis with
             # float32 HVPs (half the Gram-Schmidt traffic; the HVPs bound the accuracy anyway)
             for hvp_dtype, basis in ((torch.float32, torch.float64), (torch.float32, torch.float32),
@@ -349,6 +351,7 @@ def main() -> None:
     ap.add_argument("--overhead-threads", type=int, nargs="+", default=[1])
     ap.add_argument("--lenet-n", type=int, default=256)
     ap.add_argument("--ks", type=int, nargs="+", default=[10, 25])
+    ap.add_argument("--models", nargs="+", choices=["mlp", "lenet"], default=["mlp", "lenet"])
     args = ap.parse_args()
     if args.overhead:
         overhead_main(args)
