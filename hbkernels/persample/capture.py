@@ -29,6 +29,7 @@ rule go to the torch.func fallback.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -36,11 +37,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..checks import fail
 
 __all__ = [
     "RULES",
+    "AttentionRule",
+    "BareRule",
     "ConvRule",
     "EmbeddingRule",
     "Layer",
@@ -48,8 +52,11 @@ __all__ = [
     "LinearRule",
     "NormRule",
     "Pair",
+    "ParamUses",
     "Recorder",
+    "attention_forward",
     "find_layers",
+    "graph_uses",
     "layer_direct",
     "layer_factors",
     "positions",
@@ -68,6 +75,7 @@ class LayerRule:
     input_dims: tuple[int, ...] | None = None  # accepted input ranks (None: any >= 2)
     has_factors: bool = True
     has_direct: bool = False
+    wraps_forward: bool = False  # capture replaces the module's forward (see AttentionRule)
 
     def groups(self, module: nn.Module) -> int:
         return 1
@@ -228,6 +236,202 @@ class NormRule(LayerRule):
         return out
 
 
+class AttentionRule(LayerRule):
+    """``nn.MultiheadAttention`` self-attention (``query is key is value``, packed
+    ``in_proj_weight``, no ``bias_k``/``bias_v``/``add_zero_attn``, no active dropout), either
+    ``batch_first``, with or without biases, any ``need_weights``, ``attn_mask`` /
+    ``key_padding_mask``. Its weights are used inside ``F.multi_head_attention_forward`` (no
+    module of theirs runs), so during capture :func:`attention_forward` replaces the module's
+    forward by the same computation with explicit ops and records two factor pairs over the
+    ``T`` tokens:
+
+    * ``in_proj_weight`` ``(3E, E)``: ``A`` = the input ``x`` ``(n, T, E)``, ``D`` = the
+      gradients of the packed projections ``[q, k, v]`` ``(n, T, 3E)``;
+    * ``out_proj.weight`` ``(E, E)``: ``A`` = the attention context ``(n, T, E)``, ``D`` = the
+      gradient of the output.
+
+    Other uses (cross-attention, unbatched inputs) are marked unsupported by the probe and go
+    to the fallback."""
+
+    wraps_forward = True
+
+    def supports(self, module):
+        m = module
+        return (m._qkv_same_embed_dim and m.in_proj_weight is not None and m.bias_k is None
+                and m.bias_v is None and not m.add_zero_attn
+                and not (m.training and m.dropout > 0))
+
+    def param_pairs(self, module) -> list[tuple[Any, Any]]:
+        """``(weight, bias)`` of each factor pair, in pair order."""
+        return [(module.in_proj_weight, module.in_proj_bias),
+                (module.out_proj.weight, module.out_proj.bias)]
+
+    def positions(self, x, out):
+        return x[0].shape[1]
+
+    def pair_factors(self, module, x, g) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``[(A, D)]`` of the two pairs from the recorded ``(input, context)`` and the
+        gradients of ``(qkv, output)`` (``None``: zero)."""
+        xin, ctx = x
+        gqkv, go = g
+        if gqkv is None:
+            gqkv = xin.new_zeros(*xin.shape[:2], 3 * xin.shape[2])
+        if go is None:
+            go = torch.zeros_like(ctx)
+        return [(xin, gqkv), (ctx, go)]
+
+
+def attention_forward(m: nn.MultiheadAttention, query, key, value, key_padding_mask=None,
+                      need_weights=True, attn_mask=None, average_attn_weights=True,
+                      is_causal=False):
+    """``m(query, key, value, ...)`` for self-attention by explicit ops (the math form of
+    ``F.multi_head_attention_forward``, equal to it up to round-off).
+
+    Returns ``(output, weights or None), (x (n, T, E), qkv (n, T, 3E), context (n, T, E))``
+    with the batch first in ``x``, ``qkv`` and ``context``."""
+    x = query if m.batch_first else query.transpose(0, 1)
+    n, T, E = x.shape
+    H = m.num_heads
+    hd = E // H
+    kpm = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                            other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+                            target_type=x.dtype)
+    am = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None,
+                           other_name="", target_type=x.dtype, check_other=False)
+    qkv = F.linear(x, m.in_proj_weight, m.in_proj_bias)
+    q, k, v = (t.reshape(n, T, H, hd).transpose(1, 2) for t in qkv.split(E, -1))
+    scores = torch.matmul(q * math.sqrt(1.0 / hd), k.transpose(-2, -1))  # (n, H, T, T)
+    if am is not None:
+        scores = scores + (am.view(n, H, T, T) if am.dim() == 3 else am)
+    if kpm is not None:
+        scores = scores + kpm.view(n, 1, 1, T)
+    w = torch.softmax(scores, -1)
+    ctx = torch.matmul(w, v).transpose(1, 2).reshape(n, T, E)
+    o = F.linear(ctx, m.out_proj.weight, m.out_proj.bias)
+    weights = None
+    if need_weights:
+        weights = w.mean(1) if average_attn_weights else w
+    return (o if m.batch_first else o.transpose(0, 1)), weights, (x, qkv, ctx, o)
+
+
+def attention_accepts(m: nn.MultiheadAttention, nb: int, query, key, value, kwargs) -> bool:
+    """Whether :func:`attention_forward` covers this call (self-attention of ``nb`` samples)."""
+    if not (isinstance(query, torch.Tensor) and query is key and key is value
+            and query.dim() == 3):
+        return False
+    if kwargs.get("is_causal") and kwargs.get("attn_mask") is None:
+        return False  # the module raises: let it
+    return query.shape[0 if m.batch_first else 1] == nb and query.shape[2] == m.embed_dim
+
+
+class BareRule(LayerRule):
+    """A trainable parameter ``p`` used outside any rule, through ``x + p``, ``x - p``,
+    ``p - x`` or ``x * p`` (``p`` broadcast over the sample dimension: e.g. a learned
+    positional embedding added to the token embeddings, a learned scale). Each use is recorded
+    during capture by a :class:`ParamUses` torch-function mode; the per-sample gradient is
+    ``sum`` over the broadcast positions of the result's gradient (times ``x`` for ``mul``).
+    The probe checks through autograd that the recorded uses are *all* of ``p``'s uses in the
+    graph; otherwise ``p`` goes to the fallback."""
+
+    has_factors = False
+    has_direct = True
+
+    def accepts(self, x, nb):
+        return True
+
+    def positions(self, x, out):
+        return 0
+
+    def direct(self, module, x, g):
+        kind, other, shape = x
+        nb = g.shape[0]
+        if kind == "mul":
+            g = g * other
+        elif kind == "neg":
+            g = -g
+        return [g.sum_to_size((nb, *shape)).reshape(nb, -1)]
+
+
+def _bare_shape(p: torch.Tensor, res: torch.Tensor, nb: int) -> tuple[int, ...] | None:
+    """``p``'s shape right-aligned to ``res.shape[1:]`` (None if ``p`` spans the samples)."""
+    k = res.dim() - 1
+    if res.dim() < 1 or res.shape[0] != nb:
+        return None
+    shape = tuple(p.shape)
+    if len(shape) == k + 1:
+        if shape[0] != 1:
+            return None
+        shape = shape[1:]
+    if len(shape) > k:
+        return None
+    return (1,) * (k - len(shape)) + shape
+
+
+_BARE_OPS = {torch.Tensor.add: "add", torch.add: "add", torch.Tensor.sub: "sub",
+             torch.sub: "sub", torch.Tensor.mul: "mul", torch.mul: "mul",
+             torch.Tensor.__add__: "add", torch.Tensor.__radd__: "add",
+             torch.Tensor.__sub__: "sub", torch.Tensor.__mul__: "mul",
+             torch.Tensor.__rmul__: "mul"}
+
+
+class ParamUses(TorchFunctionMode):
+    """Records the supported uses (:class:`BareRule`) of tracked parameters during a forward.
+
+    Args:
+        tracked: ``id(parameter) -> (layer index, parameter)``.
+        nb: samples in the block.
+        on_use: ``on_use(i, kind, other, shape, result) -> tensor to return``.
+        on_bad: ``on_bad(i, what)`` for an unsupported use.
+    """
+
+    def __init__(self, tracked: dict[int, tuple[int, torch.Tensor]], nb: int, on_use,
+                 on_bad) -> None:
+        super().__init__()
+        self.tracked, self.nb, self.on_use, self.on_bad = tracked, nb, on_use, on_bad
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        hits = [a for a in (*args, *kwargs.values())
+                if isinstance(a, torch.Tensor) and id(a) in self.tracked]
+        res = func(*args, **kwargs)
+        if not hits or not isinstance(res, torch.Tensor) or not res.requires_grad:
+            return res
+        kind = _BARE_OPS.get(func)
+        i, p = self.tracked[id(hits[0])]
+        if kind is None or len(hits) != 1 or kwargs or len(args) != 2:
+            self.on_bad(i, getattr(func, "__name__", str(func)))
+            return res
+        other = args[1] if args[0] is p else args[0]
+        shape = _bare_shape(p, res, self.nb) if isinstance(other, torch.Tensor) else None
+        if shape is None:
+            self.on_bad(i, f"{kind} with {tuple(res.shape)} outputs")
+            return res
+        if kind == "sub" and args[1] is p:
+            kind = "neg"
+        return self.on_use(i, kind, other, shape, res)
+
+
+def graph_uses(out: torch.Tensor, ids: set[int]) -> dict[int, int]:
+    """Edges into each leaf ``id`` in ``ids`` in the autograd graph of ``out``."""
+    counts = dict.fromkeys(ids, 0)
+    fn = out.grad_fn
+    if fn is None:
+        return counts
+    seen, stack = {id(fn)}, [fn]
+    while stack:
+        node = stack.pop()
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            var = getattr(nxt, "variable", None)
+            if var is not None and id(var) in counts:
+                counts[id(var)] += 1
+            if id(nxt) not in seen:
+                seen.add(id(nxt))
+                stack.append(nxt)
+    return counts
+
+
 RULES: dict[type, LayerRule] = {
     nn.Linear: LinearRule(),
     nn.Conv1d: ConvRule(1),
@@ -238,8 +442,12 @@ RULES: dict[type, LayerRule] = {
     nn.BatchNorm3d: NormRule("batch"),
     nn.LayerNorm: NormRule("layer"),
     nn.GroupNorm: NormRule("group"),
+    nn.MultiheadAttention: AttentionRule(),
 }
 """Exact module types with a factor rule (subclasses are not matched: their forward may differ)."""
+
+BARE = BareRule()
+"""The rule of trainable parameters outside any rule's module (probed per parameter)."""
 
 
 # ----------------------------------------------------------------------------- structures
@@ -277,14 +485,32 @@ class Layer:
     bias_dropped: bool = False  # rule.direct returns a gradient of a frozen bias: drop it
     clone_in: bool = False  # the input is modified in place later: record a copy
     clone_out: bool = False  # the output is modified in place later: hand on a copy
+    param: torch.Tensor | None = None  # a BareRule layer's parameter (module is None)
 
 
 @dataclass
 class Record:
-    x: torch.Tensor
+    """One call of a layer: its input(s) ``x`` (the rule's form), the output ``out`` handed on,
+    their versions at record time, and ``targets``: the tensors whose gradients the rule needs
+    (default ``(out,)``); ``x_ref`` is the tensor ``x_version`` belongs to (default ``x``)."""
+
+    x: Any
     x_version: int
     out: torch.Tensor
     out_version: int
+    targets: tuple = ()
+    x_ref: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            self.targets = (self.out,)
+        if self.x_ref is None and isinstance(self.x, torch.Tensor):
+            self.x_ref = self.x
+
+    def elems(self) -> int:
+        """Elements of the recorded tensors (for the memory estimate)."""
+        return (self.x_ref.numel() if self.x_ref is not None else 0) + sum(
+            t.numel() for t in self.targets)
 
 
 def find_layers(model: nn.Module, params: list[torch.Tensor],
@@ -311,6 +537,9 @@ def find_layers(model: nn.Module, params: list[torch.Tensor],
             layers.append(Layer(m, name, rule, [], [index[id(q)] for q in present],
                                 direct=True))
             continue
+        if hasattr(rule, "param_pairs"):
+            _add_multi(m, name, rule, index, offsets, owners, layers, pairs)
+            continue
         if not isinstance(w, nn.Parameter) or id(w) not in index:
             continue  # frozen or parametrized weight: its bias (if any) falls back
         if owners[id(w)] != 1 or (b is not None and owners[id(b)] != 1):
@@ -326,7 +555,30 @@ def find_layers(model: nn.Module, params: list[torch.Tensor],
                               offsets[index[id(b)]] + g * d_out if has_bias else None))
         layers.append(Layer(m, name, rule, ids, [index[id(w)]] + ([index[id(b)]] if has_bias else []),
                             bias_dropped=b is not None and not has_bias))
+    covered = {i for layer in layers for i in layer.params}
+    names = {id(p): nm for nm, p in model.named_parameters()}
+    for i, p in enumerate(params):  # the rest: candidates for BareRule (checked by the probe)
+        if i not in covered and id(p) in names:
+            layers.append(Layer(None, names[id(p)], BARE, [], [i], direct=True, param=p))
     return layers, pairs
+
+
+def _add_multi(m, name, rule, index, offsets, owners, layers, pairs) -> None:
+    """A layer with several (weight, bias) factor pairs (``rule.param_pairs``): all weights
+    trainable, every parameter used by this module only; frozen biases are left out."""
+    wb = rule.param_pairs(m)
+    present = [q for w, b in wb for q in (w, b) if q is not None]
+    if any(owners.get(id(q), 0) != 1 for q in present) or any(
+            not isinstance(w, nn.Parameter) or id(w) not in index for w, _ in wb):
+        return
+    ids, params = [], []
+    for w, b in wb:
+        has_bias = b is not None and id(b) in index
+        ids.append(len(pairs))
+        pairs.append(Pair(len(layers), 0, w.shape[1], w.shape[0], offsets[index[id(w)]],
+                          offsets[index[id(b)]] if has_bias else None))
+        params += [index[id(w)]] + ([index[id(b)]] if has_bias else [])
+    layers.append(Layer(m, name, rule, ids, params))
 
 
 # ----------------------------------------------------------------------------- recording
@@ -378,25 +630,90 @@ class Recorder:
 
             return hook
 
-        handles = [layer.module.register_forward_hook(make_hook(i, layer))
-                   for i, layer in enumerate(self.layers)]
+        def make_forward(i: int, layer: Layer):
+            m = layer.module
+            orig = type(m).forward
+
+            def forward(query, key, value, *args, **kwargs):
+                kwargs.update(zip(_ATTN_ARGS, args))
+                if not attention_accepts(m, nb, query, key, value, kwargs):
+                    if probe:
+                        bad.add(i)
+                        return orig(m, query, key, value, **kwargs)
+                    got = tuple(query.shape) if isinstance(query, torch.Tensor) else type(
+                        query).__name__
+                    fail(fn, f"attention layer '{layer.name}' to be self-attention (query is key "
+                         f"is value) of {nb} samples", got, raw=True)
+                out, weights, (x, qkv, ctx, o) = attention_forward(m, query, key, value,
+                                                                   **kwargs)
+                if not o.requires_grad:
+                    return out, weights
+                xin = x.detach()
+                if layer.clone_in:
+                    xin = xin.clone()
+                records[i].append(Record((xin, ctx.detach()), query._version, o, o._version,
+                                         (qkv, o), query))
+                return (out.clone() if layer.clone_out else out), weights
+
+            return forward
+
+        def on_use(i, kind, other, shape, res):
+            layer = self.layers[i]
+            ox = None
+            if kind == "mul":
+                ox = other.detach()
+                if layer.clone_in:
+                    ox = ox.clone()
+            records[i].append(Record((kind, ox, shape), ox._version if ox is not None else 0,
+                                     res, res._version, x_ref=ox))
+            return res.clone() if layer.clone_out else res
+
+        def on_bad(i, what):
+            if probe:
+                bad.add(i)
+                return
+            fail(fn, f"parameter '{self.layers[i].name}' to be used as x + p, x - p or x * p "
+                 "(as in the probe)", what, raw=True)
+
+        handles, patched, tracked = [], [], {}
+        for i, layer in enumerate(self.layers):
+            if layer.param is not None:
+                tracked[id(layer.param)] = (i, layer.param)
+            elif layer.rule.wraps_forward:
+                m = layer.module
+                patched.append((m, m.__dict__.get("forward", _MISSING)))
+                m.__dict__["forward"] = make_forward(i, layer)
+            else:
+                handles.append(layer.module.register_forward_hook(make_hook(i, layer)))
+        mode = ParamUses(tracked, nb, on_use, on_bad) if tracked else contextlib.nullcontext()
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), mode:
                 out = call(part)
         finally:
             for h in handles:
                 h.remove()
+            for m, prev in patched:
+                if prev is _MISSING:
+                    del m.__dict__["forward"]
+                else:
+                    m.__dict__["forward"] = prev
         return records, bad, out
 
     def _fix_inplace(self, records: list[list[Record]]) -> bool:
         changed = False
         for layer, recs in zip(self.layers, records):
             for r in recs:
-                if r.x._version != r.x_version and not layer.clone_in:
+                if (r.x_ref is not None and r.x_ref._version != r.x_version
+                        and not layer.clone_in):
                     layer.clone_in = changed = True
                 if r.out._version != r.out_version and not layer.clone_out:
                     layer.clone_out = changed = True
         return changed
+
+
+_MISSING = object()
+_ATTN_ARGS = ("key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+              "is_causal")
 
 
 def positions(layer: Layer, recs: list[Record]) -> int:
@@ -421,7 +738,10 @@ def layer_direct(layer: Layer, recs: list[Record], grads, out: dict[int, torch.T
 def layer_factors(fn: str, layer: Layer, pairs: list[Pair], recs: list[Record], grads,
                   nb: int, A: list, D: list) -> None:
     """Write the factors of ``layer``'s pairs into ``A`` / ``D`` (consumes one gradient per
-    record from the iterator ``grads``)."""
+    record target from the iterator ``grads``)."""
+    if hasattr(layer.rule, "pair_factors"):
+        _multi_factors(fn, layer, pairs, recs, grads, A, D)
+        return
     a_parts, d_parts = [], []
     for r in recs:
         g = next(grads)
@@ -445,3 +765,21 @@ def layer_factors(fn: str, layer: Layer, pairs: list[Pair], recs: list[Record], 
             gi, go = q.group * q.d_in, q.group * q.d_out
             A[j] = a[..., gi : gi + q.d_in].contiguous()
             D[j] = d[..., go : go + q.d_out].contiguous()
+
+
+def _multi_factors(fn: str, layer: Layer, pairs: list[Pair], recs: list[Record], grads,
+                   A: list, D: list) -> None:
+    parts = []
+    for r in recs:
+        g = [next(grads) for _ in r.targets]
+        parts.append(layer.rule.pair_factors(layer.module, r.x, g))
+    for k, j in enumerate(layer.pairs):
+        a = [p[k][0] for p in parts]
+        d = [p[k][1] for p in parts]
+        a = a[0] if len(a) == 1 else torch.cat(a, 1)
+        d = d[0] if len(d) == 1 else torch.cat(d, 1)
+        q = pairs[j]
+        if q.T != a.shape[1]:
+            fail(fn, f"layer '{layer.name}' to cover the same {q.T} positions for every sample "
+                 "block (data-dependent layer use is not supported)", a.shape[1], raw=True)
+        A[j], D[j] = a.contiguous(), d.contiguous()

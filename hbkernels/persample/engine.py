@@ -35,7 +35,16 @@ from tqdm.auto import tqdm
 from ..checks import FLOATS, describe, fail
 from ..objective import check_model_is_deterministic
 from ..params import trainable_parameters
-from .capture import Layer, Pair, Recorder, find_layers, layer_direct, layer_factors, positions
+from .capture import (
+    Layer,
+    Pair,
+    Recorder,
+    find_layers,
+    graph_uses,
+    layer_direct,
+    layer_factors,
+    positions,
+)
 from .fallback import Fallback
 from .inputs import SampleInputs
 from .options import Options, check_targets_against_outputs, given_targets, predicted_targets
@@ -195,6 +204,11 @@ class Engine:
             check_targets_against_outputs(self.fn, self.opts, self.given, out)
         else:
             predicted_targets(self.fn, self.loss, out)  # refuses outputs without classes
+        bare = {id(layer.param): i for i, layer in enumerate(self.layers)
+                if layer.param is not None and i not in bad and records[i]}
+        if bare:  # every use of a bare parameter in the graph must be a recorded one
+            uses = graph_uses(out, set(bare))
+            bad |= {i for pid, i in bare.items() if uses[pid] != len(records[i])}
         keep = [i for i, layer in enumerate(self.layers) if i not in bad and records[i]]
         for i in keep:
             T = positions(self.layers[i], records[i])
@@ -214,7 +228,7 @@ class Engine:
             new_layers.append(layer)
         self.layers, self.pairs = new_layers, new_pairs
         self.recorder.layers = new_layers
-        self.act_elems = sum((r.x.numel() + r.out.numel()) / m
+        self.act_elems = sum(r.elems() / m
                              for i in keep for r in records[i])
         self._set_fallback()
 
@@ -285,7 +299,7 @@ class Engine:
         A: list[torch.Tensor | None] = [None] * len(self.pairs)
         D: list[torch.Tensor | None] = [None] * len(self.pairs)
         direct: dict[int, torch.Tensor] = {}
-        tensors = [r.out for recs in records for r in recs]
+        tensors = [t for recs in records for r in recs for t in r.targets]
         if tensors:
             total = self.loss.per_sample(out, y).sum()
             grads = iter(torch.autograd.grad(total, tensors, allow_unused=True))
