@@ -274,3 +274,45 @@ def confident_mlp(dtype, gap=60.0, seed=0):
     with torch.no_grad():
         model[-1].bias.copy_(torch.tensor([gap, 0.0, 0.0]))
     return model.to(dtype)
+
+
+class AttnModel(nn.Module):
+    """A Linear input projection, one ``nn.MultiheadAttention`` (self-attention) and a head;
+    with ``need_weights`` the attention weights enter the output too."""
+
+    def __init__(self, d_in=3, d=6, heads=2, C=3, batch_first=True, bias=True,
+                 need_weights=False):
+        super().__init__()
+        self.inp = nn.Linear(d_in, d)
+        self.attn = nn.MultiheadAttention(d, heads, bias=bias, batch_first=batch_first)
+        self.head = nn.Linear(d, C)
+        self.need_weights = need_weights
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        if not self.attn.batch_first:
+            h = h.transpose(0, 1)
+        a, w = self.attn(h, h, h, need_weights=self.need_weights)
+        if not self.attn.batch_first:
+            a = a.transpose(0, 1)
+        out = self.head(a.mean(1))
+        if w is not None:
+            out = out + w.pow(2).sum((1, 2))[:, None]
+        return out
+
+
+class PosTransformer(nn.Module):
+    """Embedding + a learned positional parameter + TransformerEncoderLayer (batch_first) +
+    LayerNorm + Linear head on token ids (n, L)."""
+
+    def __init__(self, vocab=11, L=5, d=8, heads=2, ff=12, C=3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(L, d) * 0.3)
+        self.enc = nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True)
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, C)
+
+    def forward(self, ids):
+        h = self.emb(ids) + self.pos
+        return self.head(self.ln(self.enc(h)).mean(1))

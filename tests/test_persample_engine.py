@@ -288,9 +288,9 @@ def test_active_dropout_is_refused():
         hbk.gradient_alignment(model, X, torch.randn(hbk.num_params(model), 2).double())
     # Opting in: the factor path differentiates one draw per call.
     hbk.gradient_norms(model, X, check_deterministic=False)
-    from persample_refs import Scale
+    from persample_refs import FunctionalUse
 
-    fb = nn.Sequential(nn.Linear(3, 6), nn.Dropout(0.5), Scale(6), nn.Linear(6, 3)).double()
+    fb = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5), FunctionalUse()).double()
     with pytest.raises(ValueError, match="no active dropout when some parameters need"):
         hbk.gradient_norms(fb, X, check_deterministic=False)
     fb.eval()

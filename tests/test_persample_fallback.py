@@ -35,12 +35,15 @@ def test_which_parameters_fall_back():
     model = TinyTransformer().double().eval()
     ids = torch.randint(0, 11, (3, 4))
     eng = Engine("t", model, ids, parse_options("t", {}), Work(norms=True))
-    names = eng.fallback.names
-    assert "attn.in_proj_weight" in names
-    assert "attn.out_proj.weight" in names  # used functionally by the attention, not by forward
-    assert "ff.weight" not in names and "head.weight" not in names
-    # Embedding (one-hot factor pair) and LayerNorm (direct rule) have rules now.
-    assert "emb.weight" not in names and "ln.weight" not in names and "ln.bias" not in names
+    # Embedding (one-hot pair), LayerNorm (direct rule), attention (in/out projection pairs):
+    # nothing falls back.
+    assert eng.fallback is None
+    assert "attn" in [layer.name for layer in eng.layers]
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), Tied(), FunctionalUse()).double()
+    eng = Engine("t", model, torch.randn(3, 5).double(), parse_options("t", {}), Work(norms=True))
+    # Tied weights and a weight used by F.linear outside its module: the fallback.
+    assert eng.fallback.names == ["2.a.weight", "2.a.bias", "2.b.bias", "3.a.weight",
+                                  "3.a.bias"]
 
 
 def test_fallback_with_a_custom_forward_reaching_submodules():
