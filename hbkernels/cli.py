@@ -746,8 +746,14 @@ def _cmd_reproduce(args) -> int:
                            settings=settings, quiet=args.quiet)
         dest = Path(args.out) / "table2"
     else:
-        payload = E.figures(args.out, datasets=datasets or E.TABLE1_DATASETS, seed=args.seed,
-                            settings=settings, quiet=args.quiet)
+        # --datasets names every figure family: without a digits-<classes> name, no CNN is trained.
+        digits = [d for d in datasets or () if d.startswith("digits-")]
+        if len(digits) > 1:
+            raise ValueError(f"hbk reproduce figures: expected at most one digits-<classes> set, got {digits}")
+        two_d = [d for d in datasets or () if not d.startswith("digits-")]
+        payload = E.figures(args.out, datasets=two_d if datasets else E.TABLE1_DATASETS,
+                            seed=args.seed, settings=settings, quiet=args.quiet,
+                            digits=(digits[0] if digits else None) if datasets else "digits-017")
         dest = Path(args.out) / "figures"
     if "runs" in payload:
         _say(args, _summary_lines(payload["runs"]))
@@ -773,9 +779,15 @@ def _check_reproduce(parser: argparse.ArgumentParser, args) -> None:
             if d in E.TABLE1_DATASETS:
                 parser.error(f"argument --datasets: expected table2 datasets such as "
                              f"{', '.join(allowed)} (the 2-D sets are table1's), got {d!r}")
-        elif d not in allowed:
+        elif d not in allowed and not (args.what == "figures" and d.startswith("digits-")):
+            extra = ", or one digits-<classes> set" if args.what == "figures" else ""
             parser.error(f"argument --datasets: expected {args.what} datasets from "
-                         f"{', '.join(allowed)} (or checkerboard), got {d!r}")
+                         f"{', '.join(allowed)} (or checkerboard){extra}, got {d!r}")
+        elif d not in allowed:
+            try:
+                check_dataset_name("hbk reproduce", d)
+            except ValueError as err:
+                parser.error(f"argument --datasets: {str(err).split(': ', 1)[1]}")
     if len(set(names)) != len(names):
         parser.error(f"argument --datasets: expected distinct names, got {names}")
     args.datasets = names

@@ -176,6 +176,27 @@ def test_usage_errors_exit_2_with_the_choices(argv, words, capsys, monkeypatch, 
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("names, two_d, digits", [
+    (["half-moon"], ["half-moon"], None),              # no digits CNN trained for a 2-D figure
+    (["gauss", "digits-179"], ["gauss"], "digits-179"),
+    (None, None, "digits-017"),                          # no --datasets: every figure
+])
+def test_reproduce_figures_trains_only_what_datasets_names(names, two_d, digits, monkeypatch, tmp_path):
+    from hbkernels.boundary import experiments as E
+
+    seen = {}
+
+    def fake_figures(out, **kw):
+        seen.update(kw)
+        return {"figures": []}
+
+    monkeypatch.setattr(E, "figures", fake_figures)
+    argv = ["reproduce", "figures", "--out", str(tmp_path / "o"), "--quiet"]
+    assert cli.main(argv + (["--datasets", *names] if names else [])) == 0
+    assert seen["digits"] == digits
+    assert list(seen["datasets"]) == (two_d if two_d is not None else list(E.TABLE1_DATASETS))
+
+
 def test_train_diverging_lr_fails_and_saves_nothing(tmp_path, capsys):
     out = tmp_path / "div"
     assert cli.main(["train", "--lr", "1e6", "--epochs", "50", "--width", "4", "--out", str(out),
