@@ -18,6 +18,7 @@ while the blocks run (tiny problems; see ``one_thread`` in conftest.py).
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import subprocess
@@ -86,13 +87,18 @@ def workdir(tmp_path_factory, one_thread):
     d = tmp_path_factory.mktemp("readme")
     old_cwd, old_path = os.getcwd(), list(sys.path)
     old_modules = set(sys.modules)
-    os.environ.setdefault("MPLBACKEND", "Agg")
+    old_backend = os.environ.get("MPLBACKEND")
+    os.environ["MPLBACKEND"] = "Agg"
     os.chdir(d)
     sys.path.insert(0, str(d))
     state: dict = {"ns": None, "failed": False}
     yield d, state
     os.chdir(old_cwd)
     sys.path[:] = old_path
+    if old_backend is None:
+        os.environ.pop("MPLBACKEND", None)
+    else:
+        os.environ["MPLBACKEND"] = old_backend
     for name in set(sys.modules) - old_modules:  # the reader's modules (mymodel.py, ...)
         mod = sys.modules.get(name)
         if mod is not None and str(getattr(mod, "__file__", "") or "").startswith(str(d)):
@@ -113,16 +119,16 @@ def _run_python(block: Block, d: Path, state: dict) -> None:
     else:
         ns = {"__name__": "__readme__"}
     state["ns"], state["failed"] = ns, True
-    exec(compile(block.code, f"README.md:{block.line}", "exec"), ns)
+    exec(compile(block.code, f"README.md:{block.line}", "exec"), ns)  # noqa: S102 (the point)
     state["failed"] = False
 
 
 def _run_shell(block: Block, d: Path) -> None:
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env.update(MPLBACKEND="Agg", OMP_NUM_THREADS="1", PYTHONPATH=str(d))
+    env.update(MPLBACKEND="Agg", OMP_NUM_THREADS="1")  # no PYTHONPATH: run as a reader would
     r = subprocess.run(["bash", "-euo", "pipefail", "-c", block.code], cwd=d, env=env,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, (f"README.md block at line {block.line} exited {r.returncode}:\n"
                                f"{block.code}\n--- stdout\n{r.stdout[-3000:]}\n"
                                f"--- stderr\n{r.stderr[-3000:]}")
@@ -162,7 +168,7 @@ def test_readme_blocks_are_code_or_text() -> None:
 
 def test_readme_continuation_follows_a_python_block() -> None:
     py = [b for b in RUN if b.lang == "python" and b.skip_reason is None]
-    for prev, b in zip(py, py[1:]):
+    for prev, b in itertools.pairwise(py):
         if b.first == CONTINUES:
             assert not FILE.match(prev.first), f"README.md:{b.line} continues a file block"
     assert py[0].first != CONTINUES
