@@ -111,8 +111,8 @@ def test_unsupported_attention_and_bare_uses_fall_back():
 
 
 def test_bare_parameter_uses_and_inplace():
-    """x + p, p - x, x * p with broadcasting (leading singleton dims) and an in-place op on
-    the result; a parameter used twice is recorded twice."""
+    """x + p, p - x, x - p, x * p with broadcasting (leading singleton dims) and an in-place
+    op on the result; a parameter used twice is recorded twice."""
 
     class Bare(nn.Module):
         def __init__(self):
@@ -127,7 +127,7 @@ def test_bare_parameter_uses_and_inplace():
             h = torch.tanh(self.lin(x)) + self.a
             h = self.b - h
             h.mul_(2.0)
-            h = torch.tanh(h * self.c) * self.c
+            h = torch.tanh(h * self.c) * self.c - self.b
             return self.head(h.mean(1))
 
     torch.manual_seed(24)

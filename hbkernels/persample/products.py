@@ -192,7 +192,7 @@ class Store:
             if self.A[j] is not None:
                 self.A[j][s:e] = f.A[j]
                 self.D[j][s:e] = f.D[j]
-        if dense is not None and dense.shape[1]:
+        if dense is not None and dense.shape[1] and dense.data_ptr() != self.dense[s:e].data_ptr():
             self.dense[s:e] = dense
         self.scale[s:e] = f.scale
 
@@ -252,7 +252,11 @@ def run_pass(eng: Engine, *, norms: bool = False, vectors: VectorSet | None = No
     spans = list(eng.blocks())
     for bi, (s, e) in enumerate(spans):
         f = eng.capture(s, e)
-        dense = eng.dense(f) if eng.layout.width else None
+        dense = None
+        if eng.layout.width:  # straight into the store's rows when there is one (no copy)
+            dense = store.dense[s:e] if store is not None else eng.dense(f)
+            if store is not None:
+                eng.fill(f, dense)
         if want:
             g, d = block_products(eng, f, dense, vectors)
             gsq[s:e] = g
