@@ -171,3 +171,21 @@ def test_products_result_saves_and_loads(tmp_path):
     assert Q.class_gram.keys() == P.class_gram.keys() and Q.gram is None
     for c in P.class_gram:
         assert torch.equal(Q.class_gram[c], P.class_gram[c])
+
+
+def test_float64_eigenvectors_align_with_a_float32_model():
+    """hessian_eigs returns float64 eigenvectors (the Lanczos basis); a float32 model's
+    alignment takes them as they are (cast column-wise, scaled so nothing underflows)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3))
+    X, y = torch.randn(20, 2), torch.randint(0, 3, (20,))
+    res = hbk.hessian_eigs(m, F.cross_entropy, (X, y), k=3, quiet=True)
+    assert res.eigenvectors.dtype == torch.float64
+    ref = hbk.gradient_alignment(m, X, res.eigenvectors.float())
+    torch.testing.assert_close(hbk.gradient_alignment(m, X, res.eigenvectors), ref)
+    tiny = hbk.gradient_alignment(m, X, res.eigenvectors * 1e-300)  # 0 in float32 if cast bare
+    torch.testing.assert_close(tiny, ref, atol=1e-6, rtol=1e-5)
+    with pytest.raises(TypeError, match="floating-point"):
+        hbk.gradient_alignment(m, X, torch.ones(res.eigenvectors.shape, dtype=torch.long))

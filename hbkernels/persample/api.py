@@ -46,14 +46,20 @@ __all__ = [
 def _check_vectors(fn: str, eng: Engine, vectors: Any, name: str = "vectors"):
     if not isinstance(vectors, torch.Tensor):
         fail(fn, f"{name} to be a torch.Tensor", vectors, TypeError)
-    if vectors.dtype != eng.dtype or vectors.device != eng.device:
-        fail(fn, f"{name} with the parameters' dtype {eng.dtype} on {eng.device}",
-             f"{vectors.dtype} on {vectors.device}", TypeError, raw=True)
+    if not vectors.is_floating_point():
+        fail(fn, f"{name} of a floating-point dtype", vectors.dtype, TypeError, raw=True)
     V = vectors.unsqueeze(1) if vectors.dim() == 1 else vectors
     if V.dim() != 2 or V.shape[0] != eng.p or V.shape[1] < 1:
         fail(fn, f"{name} of shape ({eng.p}, k) or ({eng.p},)", f"{tuple(vectors.shape)}",
              raw=True)
-    return V
+    if V.dtype != eng.dtype:
+        # Another dtype (e.g. float64 Lanczos eigenvectors of a float32 model): only cosines
+        # leave this module, so each column is first scaled by a power of two to a peak near 1
+        # (no underflow or overflow in the cast), then cast.
+        peak = V.abs().amax(0)
+        exp = torch.where(peak > 0, torch.frexp(peak.double())[1], 0).to(V.dtype)
+        V = torch.ldexp(V, -exp).to(eng.dtype)
+    return V.to(eng.device)
 
 
 def _norms(gsq: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
