@@ -60,7 +60,8 @@ def test_attention_forward_equals_the_module(batch_first):
     kpm[1, 3:] = True
     cases = [{}, {"need_weights": False}, {"attn_mask": causal},
              {"key_padding_mask": kpm, "average_attn_weights": False},
-             {"attn_mask": causal, "is_causal": True, "need_weights": False}]
+             {"attn_mask": causal, "is_causal": True, "need_weights": False},
+             {"attn_mask": torch.randn(4 * 3, 5, 5, dtype=torch.float64), "key_padding_mask": kpm}]
     for kw in cases:
         for grad in (False, True):  # the module's fast path (no grad) and its slow path
             with torch.set_grad_enabled(grad):

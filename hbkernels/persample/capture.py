@@ -23,8 +23,15 @@ recorded input and output gradient (:meth:`LayerRule.direct`), without factors:
 * BatchNorm in eval mode, LayerNorm, GroupNorm (elementwise affine): ``sum_t d_t * xhat_t`` and
   ``sum_t d_t`` per channel / normalised element (direct only, no factors).
 
-To add a layer kind, write a :class:`LayerRule` and add it to :data:`RULES`; modules without a
-rule go to the torch.func fallback.
+``nn.MultiheadAttention`` (self-attention) is two factor pairs over the tokens (in- and
+out-projection, :class:`AttentionRule`): capture replaces its forward by the same computation
+with explicit ops, so that the projections' inputs and output gradients exist. A trainable
+parameter outside every rule used as ``x + p``, ``x - p`` or ``x * p`` (a learned positional
+embedding, a scale) is a direct layer of its own (:class:`BareRule`), its uses recorded by a
+torch-function mode and checked against the autograd graph.
+
+To add a layer kind, write a :class:`LayerRule` and add it to :data:`RULES`; parameters no rule
+covers go to the torch.func fallback.
 """
 
 from __future__ import annotations

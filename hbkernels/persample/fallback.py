@@ -1,9 +1,10 @@
 """Per-sample gradients of the parameters no factor rule covers, by ``torch.func``.
 
 ``vmap(grad(loss of one sample))`` with ``functional_call``, for those parameters only (the
-others enter as constants), so any ``nn.Module`` works: LayerNorm, Embedding, attention, custom
-parameterised layers, tied weights.
-"""
+others enter as constants), so any ``nn.Module`` works: custom parameterised layers, tied
+weights, weights used functionally, cross-attention. It runs a vmap forward and backward of the
+whole model (a fallback parameter may be used anywhere), so it costs about one vmap(grad) pass
+whenever any parameter needs it."""
 
 from __future__ import annotations
 
