@@ -210,15 +210,17 @@ def bench_model(name: str, k: int, repeats: int, skip: set[str], n: int | None) 
             errs[t] = max(errs.get(t, 0.0), rel_err(vals, ref["vals"]))
     base = statistics.median(tools["hbk f32"])
     lines += [("| solver | s (median [min-max]) | / hbk f32 | max rel eig err vs hbk f64 tol 1e-8 |"
-              " set-up s | in HVPs s | outside HVPs / call | HVPs |"), "|---|---|---|---|---|---|---|---|"]
+              " set-up s | in HVPs s | outside HVPs / call | HVPs | ms/HVP in the solve |"),
+              "|---|---|---|---|---|---|---|---|---|"]
     for t, ts in tools.items():
         row = f"| {t} | {_med(ts)} | {statistics.median(ts) / base:.2f} | {errs[t]:.1e} |"
         if t in extra:
             rs = extra[t]
             row += (f" {_med([r['setup'] for r in rs])} | {_med([r['hvp'] for r in rs])} | "
-                    f"{_med([r['outside'] / r['total'] for r in rs])} | {rs[0]['hvps']} |")
+                    f"{_med([r['outside'] / r['total'] for r in rs])} | {rs[0]['hvps']} | "
+                    f"{_med([1e3 * r['hvp'] / r['hvps'] for r in rs])} |")
         else:
-            row += " | | | |"
+            row += " | | | | |"
         lines.append(row)
     lines += [""] + [f"* {x}" for x in notes] + [""]
     return lines
