@@ -208,7 +208,6 @@ def test_analyze_uses_the_tridiagonal_route_with_the_same_answer():
     spec = M.compute_spectrum(m64, (X, y))
     slow = M.analyze(model, "ce", (X, y), keep=5, spectrum=spec)
     assert fast.spectrum.eigenvectors.shape == (spec.num_params, 5)  # no p x p eigenvectors
-    assert slow.spectrum.eigenvectors.shape == (spec.num_params, spec.num_params)
     torch.testing.assert_close(fast.spectrum.eigenvalues, spec.eigenvalues, rtol=0, atol=1e-12)
     assert fast.eps.eps == slow.eps.eps and fast.trace == pytest.approx(slow.trace, abs=1e-12)
     assert fast.G_max.count == slow.G_max.count and fast.G_mean.count == slow.G_mean.count
