@@ -171,7 +171,7 @@ def write_report(results: dict[str, dict], out: Path, args, wall: float) -> Path
     rows, metas, errors = [], {}, []
     for task, data in results.items():
         if "error" in data:
-            errors.append(f"* task **{task}** crashed: `{data['error']}`")
+            errors.append(f"* task **{task}** did not complete: `{data['error']}`")
             continue
         metas[task] = data["meta"]
         rows += data["rows"]
@@ -204,7 +204,7 @@ def write_report(results: dict[str, dict], out: Path, args, wall: float) -> Path
           "* anchors: " + ", ".join(f"{k} {v}" for k, v in H.package_versions(ANCHORS).items()),
           "* the machine is shared with other jobs: treat ratios below ~1.5x as ties.", ""]
     if errors:
-        md += ["## Crashed tasks", ""] + errors + [""]
+        md += ["## Tasks without results", ""] + errors + [""]
     md += ["## Headline", "", H.markdown_table(_ratio_summary(rows), [
         ("task", "task"), ("case", "case"), ("ours", "ours"),
         ("fastest other", "fastest agreeing other tool"), ("its time / ours", "its time / ours"),
@@ -258,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="output directory (default bench/, smoke: build/bench-smoke)")
     ap.add_argument("--task-timeout", type=float, default=600,
                     help="seconds per task before it is recorded as timed out (default 600)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="write RESULTS.md from the task results already in <out>/results "
+                         "(tasks without results are listed as not run)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.repeats is None:
@@ -271,6 +274,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t0 = time.perf_counter()
     results = {}
+    if args.report_only:
+        for task in args.tasks:
+            f = out / "results" / f"{task}.json"
+            results[task] = (json.loads(f.read_text()) if f.exists() else
+                             {"task": task, "error": "not run in this run (time budget)"})
+        wall = sum(d.get("meta", {}).get("wall_s", 0.0) for d in results.values())
+        path = write_report(results, out, args, wall)
+        print(f"wrote {path} from the saved task results")
+        return 0
     for task in args.tasks:
         print(f"== {task}", flush=True)
         results[task] = run_task(task, args, out)
