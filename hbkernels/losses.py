@@ -58,14 +58,7 @@ def _per_sample_registry(name: str, reduction: str, outputs: torch.Tensor,
     """``(n,)`` losses of each sample on its own: the loss of a batch of one (so MSE and BCE
     average, or add up, over the sample's C outputs as the reduction says)."""
     n = outputs.shape[0]
-    if name == "cross_entropy":
-        per = F.cross_entropy(outputs, targets, reduction="none")
-    elif name == "nll":
-        per = F.nll_loss(outputs, targets, reduction="none")
-    elif name == "mse":
-        per = F.mse_loss(outputs, _one_hot_like(outputs, targets), reduction="none")
-    else:
-        per = F.binary_cross_entropy_with_logits(outputs, targets.to(outputs.dtype), reduction="none")
+    per = _batch_registry(name, "none", outputs, targets)
     if per.dim() == 1:
         return per
     per = per.reshape(n, -1)

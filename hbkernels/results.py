@@ -93,9 +93,7 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
         if not all(isinstance(k, str) for k in obj):
             return {"__items__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in obj.items()]}
         return {k: _encode(v, tensors) for k, v in obj.items()}
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return to_jsonable(obj)
-    return to_jsonable(obj)
+    return to_jsonable(obj)  # scalars, strings, plain dataclasses
 
 
 def _decode(obj: Any, tensors: dict[str, torch.Tensor], where: Path) -> Any:
