@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -119,6 +120,12 @@ def flat_fn(model: nn.Module, fn):
         return fn(lambda *x: functional_call(model, {**d, **buffers}, x))
 
     return torch.cat([p.detach().reshape(-1) for p in named.values()]), f
+
+
+def ce_hessian(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Dense Hessian of the mean cross-entropy over (X, y), by torch.autograd.functional.hessian."""
+    theta0, f = flat_fn(model, lambda call: F.cross_entropy(call(X), y))
+    return torch.autograd.functional.hessian(f, theta0)
 
 
 @functools.cache

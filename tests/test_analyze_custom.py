@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 
 import numpy as np
 import pytest
@@ -20,6 +19,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
+
+from curvature_refs import ce_hessian as ref_hessian  # the shared autograd ground truth
 
 import hbkernels.boundary as B
 from hbkernels.boundary import measures as M
@@ -43,24 +44,6 @@ def _cnn_problem(dtype=torch.float64):
     X = torch.randn(15, 1, 5, 5, dtype=dtype)
     y = torch.arange(15) % 3
     return model, X, y
-
-
-def _flat_params(model):
-    return [k for k, _ in model.named_parameters()], [v.shape for _, v in model.named_parameters()]
-
-
-def ref_hessian(model, X, y):
-    names, shapes = _flat_params(model)
-    flat = torch.cat([v.detach().reshape(-1) for v in model.parameters()])
-
-    def loss(theta):
-        prm, off = {}, 0
-        for n, s in zip(names, shapes):
-            prm[n] = theta[off : off + math.prod(s)].reshape(s)
-            off += math.prod(s)
-        return F.cross_entropy(functional_call(model, prm, (X,)), y)
-
-    return torch.autograd.functional.hessian(loss, flat)
 
 
 def ref_grads(model, X):

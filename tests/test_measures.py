@@ -9,13 +9,14 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
+
+from curvature_refs import ce_hessian as ref_hessian  # the shared autograd ground truth
 
 from hbkernels.boundary import measures as M
 
@@ -41,22 +42,6 @@ def ref_alignment(model, X, V, labels=None) -> torch.Tensor:
     gn = G.norm(dim=1, keepdim=True)
     out = (G @ V) / (gn * V.norm(dim=0, keepdim=True))
     return torch.where(gn > 0, out, torch.zeros_like(out))
-
-
-def ref_hessian(model, X, y) -> torch.Tensor:
-    """Dense Hessian of the mean CE over (X, y), by torch.autograd.functional.hessian."""
-    names = [k for k, _ in model.named_parameters()]
-    shapes = [v.shape for _, v in model.named_parameters()]
-    flat = torch.cat([v.detach().reshape(-1) for _, v in model.named_parameters()])
-
-    def loss(theta):
-        prm, off = {}, 0
-        for n, s in zip(names, shapes):
-            prm[n] = theta[off : off + math.prod(s)].reshape(s)
-            off += math.prod(s)
-        return F.cross_entropy(functional_call(model, prm, (X,)), y)
-
-    return torch.autograd.functional.hessian(loss, flat)
 
 
 def ref_spectrum(model, X, y):
