@@ -113,9 +113,14 @@ def loss_fn_for(loss: str | Callable) -> Callable[[torch.Tensor, torch.Tensor], 
     """
     if callable(loss):
         return loss
-    from .training import loss_function
+    from ..losses import as_loss
+    from .training import LOSSES, loss_function
 
-    return loss_function(loss)
+    if loss not in LOSSES:
+        return loss_function(loss)  # raises with the valid names
+    # The registry's loss (not a closure): its mean reduction is known, so the operators need
+    # no probe and the chain HVP uses the closed-form output Hessian.
+    return as_loss("hbk.boundary", loss)
 
 
 def _loss_name(loss: str | Callable) -> str:
