@@ -10,8 +10,8 @@ state is untouched and the same seed gives the same model in every dtype.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +123,23 @@ def _conv_out_features(body: Callable[[torch.Tensor], torch.Tensor],
         return 0
 
 
+def _conv_chain(model: nn.Module, cls: type, convs: list[nn.Conv2d], fcs: list[nn.Linear]):
+    """``[conv ReLU MaxPool2d(2)]* Flatten [fc ReLU]* fc`` as a ConvChain (None when the
+    model's forward is not that: log_softmax, or a subclass overriding forward/_features)."""
+    from ..hvp import ConvChain
+
+    if model.log_softmax or type(model).forward is not cls.forward or \
+            type(model)._features is not cls._features:
+        return None
+    layers: list[nn.Module] = []
+    for conv in convs:
+        layers += [conv, nn.ReLU(), nn.MaxPool2d(2)]
+    layers.append(nn.Flatten())
+    for fc in fcs[:-1]:
+        layers += [fc, nn.ReLU()]
+    return ConvChain((*layers, fcs[-1]))
+
+
 class CNN(nn.Module):
     """The reference MNIST ``CNN``: Conv(c, 16, 3) ReLU MaxPool2, Conv(16, 32, 3) ReLU MaxPool2,
     flatten, Linear(., C).
@@ -152,6 +169,11 @@ class CNN(nn.Module):
         x = F.max_pool2d(torch.relu(self.conv1(x)), 2)
         x = F.max_pool2d(torch.relu(self.conv2(x)), 2)
         return x.flatten(1)
+
+    def conv_chain(self):
+        """This net as a :class:`hbkernels.hvp.ConvChain` (closed-form Hessian products), or
+        None when its forward is not the plain chain (log_softmax, an overridden forward)."""
+        return _conv_chain(self, CNN, [self.conv1, self.conv2], [self.fc])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(n, c, H, W)`` -> ``(n, C)``."""
@@ -183,6 +205,11 @@ class LeNet5(nn.Module):
         x = F.max_pool2d(torch.relu(self.conv1(x)), 2)
         x = F.max_pool2d(torch.relu(self.conv2(x)), 2)
         return x.flatten(1)
+
+    def conv_chain(self):
+        """This net as a :class:`hbkernels.hvp.ConvChain` (closed-form Hessian products), or
+        None when its forward is not the plain chain (log_softmax, an overridden forward)."""
+        return _conv_chain(self, LeNet5, [self.conv1, self.conv2], [self.fc1, self.fc2, self.fc3])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(n, 3, H, W)`` -> ``(n, C)``."""
