@@ -53,6 +53,7 @@ from ..params import flatten_params, num_params
 from ..results import Result, to_jsonable
 
 __all__ = [
+    "COHERENCE_MAX_POINTS",
     "ROUNDOFF_FACTOR",
     "Analysis",
     "BoundaryDistance",
@@ -176,13 +177,16 @@ def gradient_alignment(
     targets: torch.Tensor | None = None,
     loss: str = "ce",
     batch_size: int | None = None,
+    normalize: bool = True,
     quiet: bool = True,
 ) -> torch.Tensor:
     """Cosine alignment of per-sample loss gradients with vectors (dtype/device handled).
 
     Casts inputs and vectors to the model's dtype and calls
     :func:`hbkernels.gradient_alignment` (which never forms the ``(n, p)`` gradient matrix and
-    blocks the samples itself), optionally in input chunks of ``batch_size``.
+    blocks the samples itself), optionally in input chunks of ``batch_size``. With
+    ``normalize=False`` it returns the raw scalar product ``<g(x), v_j>`` instead (paper App.
+    D), from the same pass: ``cos * |g(x)| * |v_j|``.
 
     Args:
         model: the classifier.
@@ -193,12 +197,16 @@ def gradient_alignment(
         targets: ``(n,)`` true labels for ``labels="true"``.
         loss: ``"ce"``, ``"nll"`` or ``"mse"``.
         batch_size: inputs per call (None: one call).
+        normalize: True: the signed cosine (paper Eq. 2); False: the scalar product
+            ``<g(x), v_j>``, not divided by either norm (App. D).
         quiet: no progress bar.
 
     Returns:
-        ``(n, k)`` signed cosines; zero gradients give 0.
+        ``(n, k)`` signed cosines (or scalar products); zero gradients give 0.
     """
     fn = "hbk.boundary.gradient_alignment"
+    if not isinstance(normalize, bool):
+        raise TypeError(f"{fn}: expected normalize to be True or False, got {normalize!r}")
     p = num_params(model)
     if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2 or vectors.shape[0] != p:
         got = tuple(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__
@@ -222,10 +230,23 @@ def gradient_alignment(
             kw["labels"] = labels
             if labels == "true":
                 kw["targets"] = targets[i : i + step].to(device)
-        out.append(hbk.gradient_alignment(model, xb, vectors, **kw).detach().cpu())
+        if normalize:
+            out.append(hbk.gradient_alignment(model, xb, vectors, **kw).detach().cpu())
+        else:
+            out.append(_scalar_products(model, xb, vectors, kw))
     if not out:
         return torch.zeros(0, vectors.shape[1], dtype=dtype)
     return torch.cat(out)
+
+
+def _scalar_products(model: nn.Module, inputs: torch.Tensor, vectors: torch.Tensor,
+                     kw: dict[str, Any]) -> torch.Tensor:
+    """``<g_i, v_j> = cos_ij |g_i| |v_j|`` from one per-sample pass (norms and cosines), so the
+    ``(n, p)`` gradient matrix is never formed; ``(n, k)`` on the CPU."""
+    prod = hbk.per_sample_products(model, inputs, norms=True, vectors=vectors, **kw)
+    cos = prod.alignment["vectors"].detach().double()
+    scale = prod.norms.detach().double()[:, None] * vectors.double().norm(dim=0)[None, :]
+    return (cos * scale).to(vectors.dtype).cpu()
 
 
 # ----------------------------------------------------------------------------- grids
@@ -292,20 +313,24 @@ class GridAlignment(JsonResult):
         xs: ``(nx,)`` first-axis coordinates.
         ys: ``(ny,)`` second-axis coordinates.
         pred: ``(ny, nx)`` predicted class at each grid point.
-        maps: ``(k, ny, nx)`` signed cosine alignment with each vector.
+        maps: ``(k, ny, nx)`` signed cosine alignment with each vector (the scalar products
+            ``<g(x), v_i>`` when ``normalized`` is False, paper App. D).
+        normalized: True for cosines, False for scalar products.
     """
 
     xs: torch.Tensor
     ys: torch.Tensor
     pred: torch.Tensor
     maps: torch.Tensor
+    normalized: bool = True
 
     @property
     def extent(self) -> tuple[float, float, float, float]:
         return (float(self.xs[0]), float(self.xs[-1]), float(self.ys[0]), float(self.ys[-1]))
 
     def to_dict(self) -> dict:
-        return {"xs": self.xs, "ys": self.ys, "pred": self.pred, "maps": self.maps}
+        return {"xs": self.xs, "ys": self.ys, "pred": self.pred, "maps": self.maps,
+                "normalized": self.normalized}
 
 
 def grid_alignment(
@@ -315,6 +340,7 @@ def grid_alignment(
     resolution: int = 100,
     *,
     loss: str = "ce",
+    normalize: bool = True,
     quiet: bool = True,
 ) -> GridAlignment:
     """Predicted classes and alignment maps of a 2-D input grid with ``vectors``.
@@ -325,6 +351,7 @@ def grid_alignment(
         extent: ``(xmin, xmax, ymin, ymax)``.
         resolution: points per axis (the reference uses 100).
         loss: per-sample loss of the gradients (predicted labels).
+        normalize: cosines (True) or scalar products ``<g(x), v_i>`` (False, App. D).
         quiet: no progress bar.
 
     Returns:
@@ -332,9 +359,10 @@ def grid_alignment(
     """
     xs, ys, pts = make_grid(extent, resolution, dtype=_model_dtype(model))
     pred = predict(model, pts).reshape(len(ys), len(xs))
-    a = gradient_alignment(model, pts, vectors, labels="pred", loss=loss, quiet=quiet)
+    a = gradient_alignment(model, pts, vectors, labels="pred", loss=loss, normalize=normalize,
+                           quiet=quiet)
     maps = a.T.reshape(-1, len(ys), len(xs))
-    return GridAlignment(xs=xs, ys=ys, pred=pred, maps=maps)
+    return GridAlignment(xs=xs, ys=ys, pred=pred, maps=maps, normalized=normalize)
 
 
 def plane_alignment(
@@ -345,6 +373,7 @@ def plane_alignment(
     span: tuple[float, float] = (-0.5, 1.5),
     *,
     loss: str = "ce",
+    normalize: bool = True,
     quiet: bool = True,
 ) -> GridAlignment:
     """Alignment maps on the 2-D plane through three inputs (for high-dimensional data).
@@ -359,6 +388,7 @@ def plane_alignment(
         resolution: points per axis.
         span: range of ``a`` and ``b``.
         loss: per-sample loss of the gradients (predicted labels).
+        normalize: cosines (True) or scalar products (False, App. D).
         quiet: no progress bar.
 
     Returns:
@@ -369,8 +399,10 @@ def plane_alignment(
     x0, x1, x2 = (a.to(_model_dtype(model)) for a in anchors)
     a, b, pts = plane_grid(x0, x1, x2, resolution, span)
     pred = predict(model, pts).reshape(len(b), len(a))
-    al = gradient_alignment(model, pts, vectors, labels="pred", loss=loss, quiet=quiet)
-    return GridAlignment(xs=a, ys=b, pred=pred, maps=al.T.reshape(-1, len(b), len(a)))
+    al = gradient_alignment(model, pts, vectors, labels="pred", loss=loss, normalize=normalize,
+                            quiet=quiet)
+    return GridAlignment(xs=a, ys=b, pred=pred, maps=al.T.reshape(-1, len(b), len(a)),
+                         normalized=normalize)
 
 
 def alignment_map(
@@ -380,6 +412,7 @@ def alignment_map(
     *,
     resolution: int = 100,
     loss: str | Callable = "ce",
+    normalize: bool = True,
     quiet: bool = True,
 ) -> GridAlignment:
     """Predicted classes and alignment maps ``A_i(x)`` over a 2-D grid or a plane of inputs.
@@ -397,6 +430,8 @@ def alignment_map(
             (cast to the model's).
         resolution: points per axis for an extent or a plane.
         loss: per-sample loss of the gradients (predicted labels).
+        normalize: True: the cosines ``A_i(x)``; False: the scalar products
+            ``<g(x), v_i>`` (paper App. D: large gradients on the boundary dominate them).
         quiet: no progress bar.
 
     Returns:
@@ -412,17 +447,19 @@ def alignment_map(
             isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)
             for v in g):
         return grid_alignment(model, vectors, [float(v) for v in g], resolution, loss=loss,
-                              quiet=quiet)
+                              normalize=normalize, quiet=quiet)
     if isinstance(g, (tuple, list)) and len(g) == 3 and all(isinstance(v, torch.Tensor) for v in g):
         if g[0].dim() == 1 and g[1].dim() == 1 and g[2].dim() >= 2 and \
                 g[2].shape[0] == g[0].numel() * g[1].numel():
             xs, ys, pts = g
             pts = pts.to(_model_dtype(model))
             pred = predict(model, pts).reshape(len(ys), len(xs))
-            al = gradient_alignment(model, pts, vectors, labels="pred", loss=loss, quiet=quiet)
-            return GridAlignment(xs=xs, ys=ys, pred=pred, maps=al.T.reshape(-1, len(ys), len(xs)))
+            al = gradient_alignment(model, pts, vectors, labels="pred", loss=loss,
+                                    normalize=normalize, quiet=quiet)
+            return GridAlignment(xs=xs, ys=ys, pred=pred, maps=al.T.reshape(-1, len(ys), len(xs)),
+                                 normalized=normalize)
         return plane_alignment(model, list(g), vectors, resolution=resolution, loss=loss,
-                               quiet=quiet)
+                               normalize=normalize, quiet=quiet)
     raise TypeError(f"{fn}: expected an extent (xmin, xmax, ymin, ymax), three anchor inputs or "
                     f"a grid (xs, ys, points), got {type(g).__name__}"
                     f"{' of length ' + str(len(g)) if isinstance(g, (tuple, list)) else ''}")
@@ -1066,6 +1103,7 @@ class Analysis(JsonResult):
     margin: Any = field(default=None, repr=False)
     names: dict = field(default_factory=dict)
     world_size: int = 1
+    coherence: Any = None
 
     @property
     def G_label(self) -> str:
@@ -1113,9 +1151,15 @@ class Analysis(JsonResult):
                          f"(C = {bo.num_classes})"))
         if self.margin is not None:
             lines.append(f"* margin estimate = {self.margin.margin:.4g}")
+        if self.coherence is not None:
+            lines.append(f"* {self.coherence.report()}")
         if self.per_class:
-            lines.append("* per-class lambda_max: " + ", ".join(
-                f"{c}: {s.lambda_max:.4g}" for c, s in self.per_class.items()))
+            lines.append("* per-class Hessians (loss over one class's training points):")
+            for c, s in self.per_class.items():
+                top = ", ".join(f"{float(v):.4g}" for v in s.eigenvalues[:5])
+                tr = "n/a" if s.trace is None else f"{s.trace:.4g}"
+                lines.append(f"  * class {c}: lambda_max = {s.lambda_max:.4g}, trace = {tr}"
+                             f"{'' if s.exact else ' (Hutch++ estimate)'}; top eigenvalues {top}")
         if self.collapsed:
             lines.append(f"* collapsed: {self.collapse_reason}")
         return "\n".join(lines) + "\n"
@@ -1139,8 +1183,21 @@ class Analysis(JsonResult):
             "num_classes": self.num_classes, "names": self.names, "world_size": self.world_size,
             "per_class_lambda_max": None if not self.per_class else {
                 c: s.lambda_max for c, s in self.per_class.items()},
+            "per_class": None if not self.per_class else _class_summary(self.per_class),
+            "coherence": None if self.coherence is None else self.coherence.to_dict(),
             "margin": None if self.margin is None else self.margin.margin,
         }
+
+
+def _class_summary(per_class: dict) -> dict:
+    from .appendix import class_spectra_summary
+
+    return class_spectra_summary(per_class)
+
+
+#: ``analyze(coherence=None)`` computes the class-block gradient coherence up to this many
+#: training points (the ``n x n`` Gram of the per-sample pass: 134 MB in float64 at 4096).
+COHERENCE_MAX_POINTS = 4096
 
 
 def _top_vectors_only(spectrum: Spectrum, keep: int) -> Spectrum:
@@ -1219,6 +1276,7 @@ def analyze(
     roundoff_factor: float | None = ROUNDOFF_FACTOR,
     num_classes: int | None = None,
     per_class: bool = False,
+    coherence: bool | None = None,
     margin: bool | dict = False,
     distributed: bool | None = None,
     names: dict | None = None,
@@ -1257,7 +1315,14 @@ def analyze(
         spectrum: a precomputed :class:`Spectrum` of the same model and data (skips the eigh).
         roundoff_factor: ``c`` of the round-off rule (:func:`roundoff_mask`); None keeps all.
         num_classes: ``C`` for the bulk/outliers reading (default ``max(y) + 1``).
-        per_class: also the spectra of the per-class Hessians (top 5 each).
+        per_class: also the spectra of the per-class Hessians (top 5 each): lambda_max,
+            trace and top eigenvalues per class in ``to_dict()["per_class"]`` and the report.
+        coherence: also the gradient coherence by class (block means only, a
+            :class:`~hbkernels.boundary.appendix.GradientCoherence`): the mean cosine between the
+            predicted-label training gradients of each pair of true classes, from the Gram
+            taken in the same per-sample pass. None (default): on when
+            ``n <= COHERENCE_MAX_POINTS`` (4096) and not distributed (the Gram costs little
+            next to the pass; a shard has no cross-rank terms).
         margin: also :func:`~hbkernels.boundary.margin.estimate_margin` with the top
             eigenvector (a dict gives its options, e.g. ``{"steps": 500}``).
         distributed: shard the data over the torch.distributed ranks (None: when a process
@@ -1291,6 +1356,13 @@ def analyze(
     _rank, world = _world()
     if distributed is None:
         distributed = world > 1
+    if coherence is None:
+        coherence = not distributed and train_data[0].shape[0] <= COHERENCE_MAX_POINTS
+    elif not isinstance(coherence, bool):
+        raise TypeError(f"{fn}: expected coherence to be True, False or None, got {coherence!r}")
+    elif coherence and distributed:
+        raise ValueError(f"{fn}: expected coherence=False or None under torch.distributed (a "
+                         "shard's Gram has no cross-rank terms), got True")
     m = as_dtype_model(model, dtype)
     was_training = m.training
     m.eval()
@@ -1327,7 +1399,7 @@ def analyze(
     _log.info("per-sample alignments of %d training points with %d vectors", X.shape[0],
               vecs.shape[1] + num_directions)
     vsets = {"rand": rand.to(device)} if tri is not None else {"eig": vecs, "rand": rand.to(device)}
-    prod = hbk.per_sample_products(m, local[0], norms=True, vectors=vsets,
+    prod = hbk.per_sample_products(m, local[0], norms=True, vectors=vsets, gram=coherence,
                                    labels="pred", loss=loss_name, quiet=quiet)
     a_all = tri[1] if tri is not None else prod.alignment["eig"].detach()
     a_rand = prod.alignment["rand"].detach()
@@ -1342,6 +1414,11 @@ def analyze(
         tol = roundoff_tolerance(norms, dtype, factor=roundoff_factor)
         mask = norms.double() > tol
     eps = _threshold(a_rand, num_directions, eps_seed, keep=mask, tol=tol)
+    coh = None
+    if coherence:
+        from .appendix import coherence_from_gram
+
+        coh = coherence_from_gram(prod.gram, y.cpu(), norms=norms, keep=mask, keep_matrix=False)
     secs["per_sample"] = time.perf_counter() - t1  # the threshold and alignments: one pass
     zero_frac = float((norms == 0).double().mean())
     n_round = 0 if mask is None else int((~mask).sum())
@@ -1394,7 +1471,7 @@ def analyze(
         spectrum=_top_vectors_only(spectrum, keep),
         alignments=a_all[:, :keep].clone(), labels=y.cpu(), spectral_type=st, bulk_outliers=bo,
         num_roundoff=n_round, num_classes=C, per_class=pcs, margin=mr, names=dict(names or {}),
-        world_size=world if distributed else 1,
+        world_size=world if distributed else 1, coherence=coh,
     )
 
 

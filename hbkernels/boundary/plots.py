@@ -10,9 +10,12 @@
 * :func:`plot_alignment_curves`: mean |alignment| of the training points during training.
 * :func:`plot_embedding_alignment`: alignment on a 2-D embedding (t-SNE) for high-dimensional
   data (Fig. 3).
+* :func:`plot_gradient_coherence`: the cosine Gram of the training gradients ordered by class,
+  one heatmap per model.
 
 Alignment colour maps are diverging (orange negative, white 0, periwinkle positive, the
-reference palette) with limits fixed to [-1, 1].
+reference palette) with limits fixed to [-1, 1] (a :class:`MapRow` may choose its own, e.g. the
+per-row scale of the paper's Fig. 8).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ __all__ = [
     "plot_alignment_curves",
     "plot_alignment_maps",
     "plot_embedding_alignment",
+    "plot_gradient_coherence",
     "plot_margins",
     "plot_sample_alignment",
     "plot_spectra",
@@ -122,6 +126,9 @@ class MapRow:
         note: extra text under the row label (e.g. "G = 0.061").
         anchors: ``[(x, y, text)]`` points to mark (the plane's three inputs).
         axis_labels: names of the two grid axes.
+        vmax: colour limits ``[-vmax, vmax]`` of the row's maps (1: cosines); None: the row's
+            largest ``|value|`` (per-row scale, the paper's Fig. 8).
+        cbar_label: colour-bar label.
     """
 
     label: str
@@ -132,6 +139,15 @@ class MapRow:
     note: str = ""
     anchors: list[tuple[float, float, str]] = field(default_factory=list)
     axis_labels: tuple[str, str] = ("$x_1$", "$x_2$")
+    vmax: float | None = 1.0
+    cbar_label: str = "Alignment"
+
+
+def _row_vmax(row: MapRow) -> float:
+    if row.vmax is not None:
+        return float(row.vmax)
+    peak = float(row.grid.maps.abs().max()) if row.grid.maps.numel() else 0.0
+    return peak if peak > 0 else 1.0
 
 
 def plot_alignment_maps(
@@ -147,7 +163,7 @@ def plot_alignment_maps(
 
     Column 0: predicted classes (light), the decision boundary (black, Sobel rule) and the
     points. Columns 1..k: ``A_i`` on the grid, diverging colours fixed to [-1, 1], x-label
-    ``lambda_i``; one colour bar per row.
+    ``lambda_i``; one colour bar per row (limits ``MapRow.vmax``).
 
     Args:
         rows: the models.
@@ -185,13 +201,14 @@ def plot_alignment_maps(
         if r == 0:
             ax.set_title("decision boundary", fontsize=8)
         mesh = None
+        vlim = _row_vmax(row)
         for i in range(k):
             ax = axes[r, i + 1]
             if i >= g.maps.shape[0]:
                 ax.set_axis_off()
                 continue
-            mesh = ax.pcolormesh(xs, ys, _np(g.maps[i]), cmap=ALIGNMENT_CMAP, vmin=-1, vmax=1,
-                                 shading="nearest", rasterized=True)
+            mesh = ax.pcolormesh(xs, ys, _np(g.maps[i]), cmap=ALIGNMENT_CMAP, vmin=-vlim,
+                                 vmax=vlim, shading="nearest", rasterized=True)
             if row.X is not None:
                 Xn = _np(row.X)
                 ax.scatter(Xn[:, 0], Xn[:, 1], s=1.5, c="k", linewidths=0)
@@ -213,7 +230,7 @@ def plot_alignment_maps(
                                 textcoords="offset points")
         if mesh is not None:
             cb = fig.colorbar(mesh, cax=axes[r, -1])
-            cb.set_label("Alignment", fontsize=7)
+            cb.set_label(row.cbar_label, fontsize=7)
             cb.ax.tick_params(labelsize=6)
         else:
             axes[r, -1].set_axis_off()
@@ -514,5 +531,67 @@ def plot_embedding_alignment(
             ax.set_xlabel(r"$\lambda_i$", fontsize=7)
             if r == 0:
                 ax.set_title("eigenspectrum", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def plot_gradient_coherence(
+    panels: Mapping[str, object],
+    path: str | Path,
+    *,
+    title: str | None = None,
+    dpi: int = DPI,
+) -> Path:
+    """Cosines between the training gradients, rows and columns ordered by class.
+
+    Diverging colours fixed to [-1, 1]; class blocks are separated by lines and labelled; the
+    panel title gives the within- and between-class mean cosines (block means without
+    ``i = j``).
+
+    Args:
+        panels: ``{label: GradientCoherence}`` with the ``(n, n)`` cosines kept
+            (:func:`~hbkernels.boundary.appendix.gradient_coherence`).
+        path: output PNG.
+        title: figure title.
+        dpi: resolution.
+
+    Returns:
+        The written path.
+    """
+    fn = "hbk.boundary.plot_gradient_coherence"
+    if not panels:
+        raise ValueError(f"{fn}: expected at least one panel, got none")
+    for label, c in panels.items():
+        if getattr(c, "cosine", None) is None:
+            raise ValueError(f"{fn}: expected panel {label!r} to be a GradientCoherence with its "
+                             f"(n, n) cosines kept, got {type(c).__name__} without them")
+    fig = Figure(figsize=(3.2 * len(panels) + 0.5, 3.4 + (0.3 if title else 0)))
+    axes = fig.subplots(1, len(panels) + 1, squeeze=False,
+                        gridspec_kw={"width_ratios": [1] * len(panels) + [0.05]})[0]
+    img = None
+    for ax, (label, c) in zip(axes, panels.items()):
+        cos, lab = _np(c.cosine), _np(c.sorted_labels).astype(int)
+        n = cos.shape[0]
+        img = ax.imshow(cos, cmap=ALIGNMENT_CMAP, vmin=-1, vmax=1, interpolation="nearest",
+                        extent=(0, n, n, 0), rasterized=True)
+        edges = np.flatnonzero(np.diff(lab)) + 1
+        for e in edges:
+            ax.axhline(e, c="k", lw=0.6)
+            ax.axvline(e, c="k", lw=0.6)
+        bounds = np.concatenate([[0], edges, [n]])
+        mids = (bounds[:-1] + bounds[1:]) / 2
+        names = [str(int(lab[b])) for b in bounds[:-1]]
+        ax.set_xticks(mids, names, fontsize=7)
+        ax.set_yticks(mids, names, fontsize=7)
+        ax.tick_params(length=0)
+        ax.set_xlabel("true class", fontsize=8)
+        ax.set_title(f"{label}\nwithin {c.within_class:.2f}, between {c.between_class:.2f}",
+                     fontsize=8)
+    axes[0].set_ylabel("true class", fontsize=8)
+    cb = fig.colorbar(img, cax=axes[-1])
+    cb.set_label(r"$\cos(g(x_i), g(x_j))$", fontsize=7)
+    cb.ax.tick_params(labelsize=6)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path, dpi)
