@@ -26,7 +26,7 @@ import hbkernels as hbk
 
 from ..checks import check_int, fail
 from ..params import num_params
-from ..results import Result
+from ..results import Result, to_jsonable
 from . import measures as M
 
 __all__ = [
@@ -111,12 +111,12 @@ class DirectionFamily(Result):
 
     def to_dict(self) -> dict:
         k = self.num_vectors
-        return {"name": self.name, "num_vectors": k,
+        return to_jsonable({"name": self.name, "num_vectors": k,
                 "mean_abs": float(self.mean_abs.mean()), "max_abs": float(self.max_abs.max()),
                 "mean_abs_per_vector": self.mean_abs, "max_abs_per_vector": self.max_abs,
                 "count_max": self.count_max, "fraction_max": self.count_max / k,
                 "count_mean": self.count_mean, "fraction_mean": self.count_mean / k,
-                "eigenvalues": self.eigenvalues}
+                "eigenvalues": self.eigenvalues})
 
 
 @dataclass
@@ -138,8 +138,9 @@ class DirectionFamilies(Result):
     num_roundoff: int = 0
 
     def to_dict(self) -> dict:
-        return {"eps": self.eps, "num_points": self.num_points, "num_roundoff": self.num_roundoff,
-                "labels": "pred", "families": {k: f.to_dict() for k, f in self.families.items()}}
+        return to_jsonable({"eps": self.eps, "num_points": self.num_points,
+                            "num_roundoff": self.num_roundoff, "labels": "pred",
+                            "families": {k: f.to_dict() for k, f in self.families.items()}})
 
     def report(self) -> str:
         """A Markdown table: one row per family."""
@@ -277,10 +278,11 @@ class GradientCoherence(Result):
         return float(off.mean()) if off.numel() else float("nan")
 
     def to_dict(self) -> dict:
-        return {"block_means": self.block_means, "classes": self.classes, "counts": self.counts,
-                "within_class": self.within_class, "between_class": self.between_class,
-                "gradient_labels": self.gradient_labels, "ordered_by": "true label",
-                "num_roundoff": self.num_roundoff}
+        return to_jsonable({
+            "block_means": self.block_means, "classes": self.classes, "counts": self.counts,
+            "within_class": self.within_class, "between_class": self.between_class,
+            "gradient_labels": self.gradient_labels, "ordered_by": "true label",
+            "num_roundoff": self.num_roundoff})
 
     def report(self) -> str:
         """One line: within- and between-class mean cosines."""
@@ -313,10 +315,12 @@ def coherence_from_gram(
     """
     fn = "hbk.boundary.coherence_from_gram"
     n = targets.shape[0] if isinstance(targets, torch.Tensor) else -1
-    if not isinstance(gram, torch.Tensor) or gram.shape != (n, n):
-        fail(fn, f"a ({n}, {n}) Gram matrix matching targets", gram, TypeError)
-    if targets.is_floating_point() or targets.dim() != 1:
+    if n < 0 or targets.is_floating_point() or targets.dim() != 1:
         fail(fn, "integer class targets of shape (n,)", targets, TypeError)
+    if not isinstance(gram, torch.Tensor):
+        fail(fn, "gram to be a torch.Tensor", gram, TypeError)
+    if gram.shape != (n, n):
+        fail(fn, f"a ({n}, {n}) Gram matrix matching targets", gram)
     K = gram.detach().double().cpu()
     nrm = K.diagonal().clamp_min(0).sqrt() if norms is None else norms.detach().double().cpu()
     ok = nrm > 0 if keep is None else (keep.cpu() & (nrm > 0))
