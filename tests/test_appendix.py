@@ -14,10 +14,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from curvature_refs import ce_hessian
 from persample_refs import pred, ref_grads
+from torch import nn
 
 from hbkernels.boundary import appendix as A
 from hbkernels.boundary import measures as M
@@ -40,7 +39,7 @@ def mlp(width=7, seed=0, dtype=torch.float64):
                          nn.Linear(width, 3)).to(dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained(width):
     X, y = blobs()
     model = mlp(width)
