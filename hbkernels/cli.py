@@ -257,14 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow loading a pickled nn.Module (runs code from the file)")
 
     p = sub.add_parser(
-        "reproduce", help="the paper's Table 1, Table 2 or figures (resumable)",
+        "reproduce", help="the paper's Table 1, Table 2, figures or open questions (resumable)",
         description="Run Table 1 (five 2-D datasets x normal / adversarial / large norm, plus "
                     "the checkerboard's wide margin and margin estimates), Table 2 (Iris and "
-                    "the digit subsets) or the figures. Per-run results are cached in --out: "
+                    "the digit subsets), the figures or the open fidelity questions. Per-run results are cached in --out: "
                     "a rerun skips finished runs.")
     parser.set_defaults(_reproduce_parser=p)
-    p.add_argument("what", choices=("table1", "table2", "figures"))
+    p.add_argument("what", choices=("table1", "table2", "figures", "questions"))
     _common(p, "results/reproduce")
+    p.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                   choices=("alpha", "margin", "precision", "large_norm", "bulk"),
+                   help="questions: a subset of alpha margin precision large_norm bulk")
     p.add_argument("--datasets", nargs="+", default=None, metavar="NAME",
                    help="subset of datasets (table1: gauss circle half-moon hierarchical "
                         "checkerboard; table2: iris digits-017 ...)")
@@ -745,6 +748,15 @@ def _cmd_reproduce(args) -> int:
         payload = E.table2(args.out, datasets=datasets or E.TABLE2_DATASETS, seeds=seeds,
                            settings=settings, quiet=args.quiet)
         dest = Path(args.out) / "table2"
+    elif args.what == "questions":
+        from .boundary.questions import run_questions
+
+        res = run_questions(args.out, only=args.only, seeds=seeds, settings=settings,
+                            quiet=args.quiet)
+        for r in res.values():
+            _say(args, f"{r.title}\n  {r.answer}\n")
+        payload = {}
+        dest = Path(args.out) / "questions"
     else:
         # --datasets names every figure family: without a digits-<classes> name, no CNN is trained.
         digits = [d for d in datasets or () if d.startswith("digits-")]
