@@ -860,6 +860,7 @@ def figures(out: str | Path = "results/reproduce", *, datasets: Sequence[str] = 
     * checkerboard.png and margin.png (Fig. 18): narrow vs wide margin;
     * reparameterization.png (Fig. 19) and its invariance report;
     * covariance.png (Fig. 26): Hessian vs gradient-covariance eigenvectors;
+    * bulk_scaling.png: bulk and outliers of gauss normal models at widths 8-64 (Sagun et al.);
     * digits_tsne.png / digits_plane.png (Fig. 3 stand-in): t-SNE and the plane through three
       inputs for ``digits`` normal vs adversarial.
 
@@ -894,6 +895,8 @@ def figures(out: str | Path = "results/reproduce", *, datasets: Sequence[str] = 
         steps.append("boundaries")
     if "gauss" in two_d:
         steps += ["gauss", "random", "per_class", "dynamics", "reparam", "covariance"]
+    if "gauss" in two_d:
+        steps.append("bulk_scaling")
     if "checkerboard-linear" in two_d:
         steps.append("checkerboard")
     if digits:
@@ -1018,6 +1021,14 @@ def figures(out: str | Path = "results/reproduce", *, datasets: Sequence[str] = 
             P.plot_alignment_maps(rows, dest / "covariance.png",
                                   title="Hessian vs gradient-covariance eigenvectors (gauss normal)")
             figs.append(("Fig. 26: Hessian vs gradient covariance", "covariance.png"))
+        elif step == "bulk_scaling":  # Sagun et al.: bulk vs width at fixed data (gauss)
+            from .questions import bulk_scaling
+
+            bs = bulk_scaling(root, seeds=seeds, settings=settings,
+                              figure=dest / "bulk_scaling.png")
+            reports["bulk_scaling"] = bs.summary
+            figs.append(("Sagun et al.: bulk and outliers vs width (gauss normal)",
+                         "bulk_scaling.png"))
         elif step == "checkerboard":
             panels, rows = [], []
             ds = load_dataset("checkerboard-linear")
