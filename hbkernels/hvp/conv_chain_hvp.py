@@ -148,23 +148,41 @@ class _Affine(_Layer):
             out = d.expand(n, b, *st).clone() if out is None else out.add_(d)
         return out
 
+    def _both(self, grad: torch.Tensor, x: torch.Tensor, W: torch.Tensor):
+        """``(adjoint in the input, adjoint in the weight)`` of ``conv(x, W)`` applied to
+        ``grad``: one ``convolution_backward`` call for the pair."""
+        gin, gw, _ = torch.ops.aten.convolution_backward(
+            grad, x, W, None, list(self.stride), list(self.padding), [1, 1], False, [0, 0], 1,
+            [True, True, False])
+        return gin, gw
+
     def second(self, z, st, Rg, Rz, g, dW, db, need_in, second, b):
         n, (co, ci) = z.shape[0], self.W.shape[:2]
         ks = tuple(self.W.shape[2:])
         gW = gb = Rin = None
-        if Rg is not None:  # Rg' * z, the b directions as b * C_out output channels
-            gW = self._w(z, (b * co, ci, *ks), Rg.flatten(1, 2)).view(b, co, ci, *ks)
+        if Rg is not None:
             gb = Rg.sum((0, *range(3, Rg.dim())))
-        if second and Rz is not None:  # g' * Rz, the b directions as b * C_in input channels
+            if self.conv and need_in and b == 1:  # conv^T(Rg', W) and Rg' * z in one call
+                gin, gw = self._both(Rg[:, 0], z, self.W)
+                Rin, gW = gin.unsqueeze(1), gw.unsqueeze(0)
+            else:  # Rg' * z, the b directions as b * C_out output channels
+                gW = self._w(z, (b * co, ci, *ks), Rg.flatten(1, 2)).view(b, co, ci, *ks)
+                if need_in:
+                    Rin = self._in((n * b, *z.shape[1:]), self.W, Rg.flatten(0, 1)).unflatten(0, (n, b))
+        if not second:
+            return Rin, gW, gb
+        both = self.conv and need_in and Rz is not None and dW is not None
+        Wt = None if dW is None else dW.transpose(0, 1).reshape(co, b * ci, *ks)
+        if both:  # conv^T(g', dW) and g' * Rz in one call, the b directions as b * C_in channels
+            gin, gw = self._both(g, Rz.flatten(1, 2), Wt)
+            Rin = _add(Rin, gin.unflatten(1, (b, ci)))
+            gW = _add(gW, gw.view(co, b, ci, *ks).transpose(0, 1))
+            return Rin, gW, gb
+        if Rz is not None:  # g' * Rz
             t = self._w(Rz.flatten(1, 2), (co, b * ci, *ks), g).view(co, b, ci, *ks)
             gW = _add(gW, t.transpose(0, 1))
-        if need_in:
-            if Rg is not None:
-                Rin = self._in((n * b, *z.shape[1:]), self.W, Rg.flatten(0, 1)).unflatten(0, (n, b))
-            if second and dW is not None:
-                Wt = dW.transpose(0, 1).reshape(co, b * ci, *ks)
-                t = self._in((n, b * ci, *z.shape[2:]), Wt, g).unflatten(1, (b, ci))
-                Rin = _add(Rin, t)
+        if need_in and dW is not None:  # conv^T(g', dW)
+            Rin = _add(Rin, self._in((n, b * ci, *z.shape[2:]), Wt, g).unflatten(1, (b, ci)))
         return Rin, gW, gb
 
 
@@ -173,6 +191,7 @@ class _Act(_Layer):
         super().__init__(m)
         self.name = _ACTS[type(m)]
         self.smooth = self.name != "relu"
+        self.defer = False  # a ReLU before a MaxPool2d: the pool applies the mask (4x smaller)
 
     def forward(self, z):
         a, d1, d2 = activation_derivatives(self.name, z)
@@ -182,9 +201,13 @@ class _Act(_Layer):
         return st[0] * g
 
     def tangent(self, z, st, Rz, dW, db, b):
+        if self.defer:
+            return Rz
         return None if Rz is None else Rz * st[0].unsqueeze(1)
 
     def second(self, z, st, Rg, Rz, g, dW, db, need_in, second, b):
+        if self.defer:
+            return Rg, None, None
         Rin = None if Rg is None else Rg * st[0].unsqueeze(1)
         if second and self.smooth and Rz is not None:
             Rin = _add(Rin, (st[1] * g).unsqueeze(1) * Rz)
@@ -192,11 +215,17 @@ class _Act(_Layer):
 
 
 class _MaxPool(_Layer):
+    """With ``relu_mask`` (the layer before is a deferred ReLU), the tangents also take the
+    ReLU's mask, read at the argmax: ``relu'(z)`` there is ``out > 0``."""
+
+    relu_mask = False
+
     def forward(self, z):
         m = self.m
         out, idx = F.max_pool2d(z, m.kernel_size, m.stride, m.padding, m.dilation,
                                 ceil_mode=m.ceil_mode, return_indices=True)
-        return out, (idx.flatten(2), tuple(out.shape[2:]))
+        mask = (out > 0).to(out.dtype).unsqueeze(1) if self.relu_mask else None
+        return out, (idx.flatten(2), tuple(out.shape[2:]), mask)
 
     @staticmethod
     def _scatter(z, idx, R, lead):
@@ -214,11 +243,14 @@ class _MaxPool(_Layer):
             return None
         n, c = z.shape[:2]
         idx = st[0].unsqueeze(1).expand(n, b, c, st[0].shape[2])
-        return Rz.flatten(3).gather(3, idx).unflatten(3, st[1])
+        out = Rz.flatten(3).gather(3, idx).unflatten(3, st[1])
+        return out if st[2] is None else out.mul_(st[2])
 
     def second(self, z, st, Rg, Rz, g, dW, db, need_in, second, b):
         if Rg is None or not need_in:
             return None, None, None
+        if st[2] is not None:
+            Rg = Rg * st[2]
         return self._scatter(z, st[0].unsqueeze(1), Rg, (z.shape[0], b)), None, None
 
 
@@ -280,6 +312,9 @@ class ConvChainProducts(HVPMethod):
         self.ggn = ggn
         self.chain = chain
         self.layers = [_layer(m) for m in chain.layers]
+        for a, pool in zip(self.layers[:-1], self.layers[1:]):
+            if isinstance(a, _Act) and a.name == "relu" and isinstance(pool, _MaxPool):
+                a.defer, pool.relu_mask = True, True
         where = {}
         for k, m in enumerate(chain.layers):
             if type(m) in (nn.Conv2d, nn.Linear):
