@@ -108,6 +108,15 @@ def test_figures_gauss_tiny(tmp_path):
     rep = payload["reports"]["reparameterization"]
     assert rep["predictions_equal"] and rep["max_abs_output_diff"] < 1e-8
     assert len(payload["reports"]["covariance_overlaps"]["betas"]) == 5
+    # the appendix analyses (tests/test_appendix.py checks their values)
+    assert {"scalar_product_maps.png", "gradient_coherence.png"} <= files
+    reports = payload["reports"]
+    assert set(reports["direction_families"]["families"]) == {
+        "top", "bottom", "random_eigenvectors", "random_directions"}
+    assert (tmp_path / "figures" / "direction_families.json").exists()
+    assert set(reports["gradient_coherence"]) == {"normal", "adversarial"}
+    assert set(reports["per_class"]) == {"0", "1", "2"} and "scalar_product" in reports
+    assert "App. E" in (tmp_path / "figures" / "report.md").read_text()
 
 
 def test_run_arrays_are_small(tmp_path):

@@ -50,6 +50,7 @@ from ..fileio import (
     sha256_file,
     store_lock,
 )
+from . import appendix as A
 from . import measures as M
 from . import plots as P
 from .datasets import Dataset, check_dataset_name, load_dataset
@@ -746,6 +747,60 @@ def _peaks_md(peaks: dict) -> str:
     return "".join(lines)
 
 
+def _family_note(f: A.DirectionFamily) -> str:
+    return (f"mean|A| {float(f.mean_abs.mean()):.3f}, max {float(f.max_abs.max()):.3f}\n"
+            f"{f.count_max}/{f.num_vectors} with max|A| >= eps")
+
+
+def _appendix_md(reports: dict) -> str:
+    """The appendix analyses of :func:`figures` (App. D, E, F, gradient coherence) as Markdown."""
+    out = []
+    sp = reports.get("scalar_product")
+    if sp:
+        out.append("\n## Cosine vs scalar product (App. D, gauss normal)\n\nMean |map| on the "
+                   "boundary pixels / elsewhere (> 1: concentrated on the boundary) and the "
+                   "largest |value| on the grid, per top eigenvector.\n\n| map | "
+                   + " | ".join(f"v{i}" for i in range(1, 6)) + " |\n|" + "---|" * 6 + "\n")
+        for name, rep in (("cosine", sp["cosine"]), ("scalar product", sp["scalar_product"])):
+            cells = [("n/a" if v.get("ratio") is None else f"{v['ratio']:.2f}")
+                     + f" (max {v['max_abs']:.3g})" for v in rep["per_vector"][:5]]
+            out.append(f"| {name} | " + " | ".join(cells) + " |\n")
+    fam = reports.get("direction_families")
+    if fam:
+        out.append("\n## Directions other than the top eigenvectors (App. E, gauss normal)\n\n"
+                   f"eps = {fam['eps']:.4g} over {fam['num_points']} training points "
+                   "(predicted-label gradients); counts: vectors of the family above eps (the "
+                   "G count restricted to the family).\n\n| directions | mean_s abs(A) | "
+                   "max_s abs(A) | max rule | mean rule |\n|---|---|---|---|---|\n")
+        for name, f in fam["families"].items():
+            out.append(f"| {A.FAMILY_LABELS.get(name, name)} | {f['mean_abs']:.4f} | "
+                       f"{f['max_abs']:.4f} | {f['count_max']}/{f['num_vectors']} | "
+                       f"{f['count_mean']}/{f['num_vectors']} |\n")
+    coh = reports.get("gradient_coherence")
+    if coh:
+        out.append("\n## Gradient coherence by class (gauss)\n\nMean cosine between the "
+                   "predicted-label training gradients of two true classes (i = j left out).\n\n"
+                   "| model | within class | between classes | block means (rows: class) |\n"
+                   "|---|---|---|---|\n")
+        for s, c in coh.items():
+            blocks = "; ".join(", ".join("n/a" if v is None else f"{v:.2f}" for v in r)
+                               for r in c["block_means"])
+            out.append(f"| {s} | {_fmt_float(c['within_class'])} | "
+                       f"{_fmt_float(c['between_class'])} | {blocks} |\n")
+    pc = reports.get("per_class")
+    if pc:
+        out.append("\n## Per-class Hessians (App. F, gauss normal)\n\n| class | λ_max | trace "
+                   "| top eigenvalues |\n|---|---|---|---|\n")
+        for c, d in pc.items():
+            top = ", ".join(f"{v:.3g}" for v in d["top_eigenvalues"])
+            out.append(f"| {c} | {d['lambda_max']:.4g} | {_fmt_float(d['trace'])} | {top} |\n")
+    return "".join(out)
+
+
+def _fmt_float(v: float | None, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}g}"
+
+
 # ----------------------------------------------------------------------------- experiments
 def demo(out: str | Path = "results/demo", *, seeds: Sequence[int] = (0, 1, 2),
          settings: Settings = DEMO_SETTINGS, quiet: bool = False) -> dict:
@@ -894,7 +949,8 @@ def figures(out: str | Path = "results/reproduce", *, datasets: Sequence[str] = 
     if two_d:
         steps.append("boundaries")
     if "gauss" in two_d:
-        steps += ["gauss", "random", "per_class", "dynamics", "reparam", "covariance"]
+        steps += ["gauss", "scalar", "random", "coherence", "per_class", "dynamics", "reparam",
+                  "covariance"]
     if "gauss" in two_d:
         steps.append("bulk_scaling")
     if "checkerboard-linear" in two_d:
@@ -927,25 +983,55 @@ def figures(out: str | Path = "results/reproduce", *, datasets: Sequence[str] = 
                                       settings, k=7, prefix="gauss_")
             figs += f
             reports["gauss_boundary_peaks"] = extra.get("boundary_peaks")
+        elif step == "scalar":
+            row, arr, res = get("gauss", "normal")
+            ds = load_dataset("gauss")
+            m = _model64(res.model, settings)
+            V, ev = arr["top_vectors"][:, :5].to(torch.float64), arr["eigenvalues"][:5]
+            cos = M.grid_alignment(m, V, ds.extent, settings.resolution)
+            sp = M.grid_alignment(m, V, ds.extent, settings.resolution, normalize=False)
+            lbl = r"$\langle g(x), v_i \rangle$"
+            rows = [P.MapRow("cosine", cos, ev, ds.X_train, ds.y_train),
+                    P.MapRow("scalar product", sp, ev, ds.X_train, ds.y_train, cbar_label=lbl),
+                    P.MapRow("scalar product\n(own scale)", sp, ev, ds.X_train, ds.y_train,
+                             vmax=None, cbar_label=lbl)]
+            P.plot_alignment_maps(rows, dest / "scalar_product_maps.png",
+                                  title="gauss normal: cosine vs scalar product (colour bar "
+                                        "[-1, 1], then the row's own scale)")
+            reports["scalar_product"] = {"cosine": M.boundary_peak_report(cos),
+                                         "scalar_product": M.boundary_peak_report(sp)}
+            figs.append(("Fig. 6: cosine vs scalar product (gauss normal)",
+                         "scalar_product_maps.png"))
         elif step == "random":
             row, arr, res = get("gauss", "normal")
             ds = load_dataset("gauss")
             m = _model64(res.model, settings)
-            spec = M.compute_spectrum(m, ds.train_data())
-            p = spec.num_params
-            gen = torch.Generator().manual_seed(seed)
-            pick = torch.randperm(p - 10, generator=gen)[:5] + 5
-            sets = [("top", spec.eigenvectors[:, :5], spec.eigenvalues[:5]),
-                    ("bottom", spec.eigenvectors[:, -5:].flip(1), spec.eigenvalues[-5:].flip(0)),
-                    ("random eigvecs", spec.eigenvectors[:, pick], spec.eigenvalues[pick]),
-                    ("random directions", M.random_directions(p, 5, seed=seed), None)]
-            rows = [P.MapRow(lbl, M.grid_alignment(m, V, ds.extent, settings.resolution), ev,
-                             ds.X_train, ds.y_train) for lbl, V, ev in sets]
+            fams = A.family_vectors(M.compute_spectrum(m, ds.train_data()), 5, seed=seed)
+            fam = A.direction_families(m, ds.X_train, fams, num_directions=settings.num_directions,
+                                       eps_seed=settings.eps_seed)
+            fam.save(dest / "direction_families.json")
+            reports["direction_families"] = fam.to_dict()
+            rows = [P.MapRow(A.FAMILY_LABELS[name], M.grid_alignment(m, V, ds.extent,
+                                                                     settings.resolution),
+                             ev, ds.X_train, ds.y_train, note=_family_note(fam.families[name]))
+                    for name, (V, ev) in fams.items()]
             P.plot_alignment_maps(rows, dest / "random_directions.png",
                                   vector_names=[f"#{i}" for i in range(1, 6)],
                                   title="gauss normal: top / bottom / random eigenvectors / random directions")
             figs.append(("Fig. 7: only the top eigenvectors align with the boundary",
                          "random_directions.png"))
+        elif step == "coherence":
+            ds = load_dataset("gauss")
+            panels = {}
+            for s in ("normal", "adversarial"):
+                _, _, res = get("gauss", s)
+                panels[s] = A.gradient_coherence(_model64(res.model, settings), ds.train_data())
+            P.plot_gradient_coherence(panels, dest / "gradient_coherence.png",
+                                      title="gauss: cosines of the training gradients (predicted "
+                                            "labels), ordered by true class")
+            reports["gradient_coherence"] = {s: c.to_dict() for s, c in panels.items()}
+            figs.append(("Gradient coherence by class: normal vs adversarial",
+                         "gradient_coherence.png"))
         elif step == "per_class":
             row, arr, res = get("gauss", "normal")
             ds = load_dataset("gauss")
@@ -956,6 +1042,7 @@ def figures(out: str | Path = "results/reproduce", *, datasets: Sequence[str] = 
                              s.eigenvalues[:3], ds.X_train, ds.y_train) for c, s in cs.items()]
             P.plot_alignment_maps(rows, dest / "per_class.png",
                                   title="Hessians of the per-class losses (gauss normal)")
+            reports["per_class"] = A.class_spectra_summary(cs)
             figs.append(("Fig. 9: per-class Hessians", "per_class.png"))
         elif step == "dynamics":
             ds = load_dataset("gauss")
@@ -1084,6 +1171,7 @@ def figures(out: str | Path = "results/reproduce", *, datasets: Sequence[str] = 
     atomic_write_text(dest / "figures.json", json.dumps(M.to_jsonable(payload), indent=1))
     md = ["# hbk reproduce figures\n", f"Seed {seed}; {_settings_md(settings, two_d, seeds)}"]
     md.append(_peaks_md(reports.get("boundary_peaks") or {}))
+    md.append(_appendix_md(reports))
     if "margins" in reports:
         md.append("\nMargins: " + ", ".join(f"{k} {v:.3f}" for k, v in reports["margins"].items()) + "\n")
     if "reparameterization" in reports:
