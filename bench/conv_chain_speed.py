@@ -37,6 +37,27 @@ def _best(f, repeats: int) -> float:
     return min(ts)
 
 
+def row(case, dt: torch.dtype, repeats: int) -> str:
+    """One table row: gradient, conv-chain HVP (single, per vector of 8), double backward."""
+    model, X = case.model.to(dt), case.X.to(dt)
+
+    def grad() -> None:
+        model.zero_grad(set_to_none=True)
+        case.loss_fn(model(X), case.y).backward()
+
+    chain = hbk.HessianOperator(model, case.loss_fn, (X, case.y), method="conv_chain")
+    ror = hbk.HessianOperator(model, case.loss_fn, (X, case.y), method="double_backward")
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(chain.dim, generator=g, dtype=dt)
+    V = torch.randn(chain.dim, 8, generator=g, dtype=dt)
+    tg = _best(grad, repeats)
+    tc = _best(lambda: chain @ v, repeats)
+    tc8 = _best(lambda: chain @ V, max(2, repeats // 2)) / 8
+    td = _best(lambda: ror @ v, repeats)
+    return (f"| {case.name} (n = {case.n}, p = {case.p}) | {str(dt)[6:]} | {tg:.4g} | {tc:.4g} | "
+            f"{tc / tg:.2f} | {tc8 / tg:.2f} | {td:.4g} | {td / tg:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="lenet5,cnn")
@@ -51,27 +72,8 @@ def main() -> None:
     for name in args.models.split(","):
         case = make_case(name, n=N[name])
         for dname in args.dtypes.split(","):
-            dt = getattr(torch, dname)
-            model = case.model.to(dt)
-            X = case.X.to(dt)
-
-            def grad(model=model, X=X):
-                model.zero_grad(set_to_none=True)
-                case.loss_fn(model(X), case.y).backward()
-
-            ops = {m: hbk.HessianOperator(model, case.loss_fn, (X, case.y), method=m)
-                   for m in ("conv_chain", "double_backward")}
-            g = torch.Generator().manual_seed(1)
-            v = torch.randn(ops["conv_chain"].dim, generator=g, dtype=dt)
-            V = torch.randn(ops["conv_chain"].dim, 8, generator=g, dtype=dt)
-            tg = _best(grad, args.repeats)
-            tc = _best(lambda: ops["conv_chain"] @ v, args.repeats)
-            tc8 = _best(lambda: ops["conv_chain"] @ V, max(2, args.repeats // 2)) / 8
-            td = _best(lambda: ops["double_backward"] @ v, args.repeats)
-            print(f"| {name} (n = {case.n}, p = {case.p}) | {dname} | {tg:.4g} | {tc:.4g} | "
-                  f"{tc / tg:.2f} | {tc8 / tg:.2f} | {td:.4g} | {td / tg:.2f} |", flush=True)
-        case.model.float()
-
+            print(row(case, getattr(torch, dname), args.repeats), flush=True)
+            case.model.float()
 
 if __name__ == "__main__":
     main()

@@ -113,7 +113,7 @@ def test_columns_and_parameter_subset() -> None:
                                    for j in range(0, full.dim, 50)], 1), H, rtol=1e-12)
     names = [n for n, _ in model.named_parameters()]
     keep = ["3.weight", "7.bias"]  # the second conv's weight and a Linear bias
-    numels = dict((n, p.numel()) for n, p in model.named_parameters())
+    numels = {n: p.numel() for n, p in model.named_parameters()}
     offs = torch.cumsum(torch.tensor([0] + [numels[n] for n in names]), 0)
     idx = torch.cat([torch.arange(offs[names.index(n)], offs[names.index(n) + 1]) for n in keep])
     named = dict(model.named_parameters())
