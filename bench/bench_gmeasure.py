@@ -6,15 +6,16 @@ mean_s |cos(g_s, v_j)| over n gradients (what G needs):
 * ``eigh``: torch.linalg.eigh(H) with vectors (LAPACK syevd, MKL: what hbk.hessian_spectrum
   does), then the cosines by one GEMM (unit gradients times V) and the reductions;
 * ``tri64`` / ``tri32``: hbk.alignment_spectrum (hbkernels.tridiag) in float64 / float32:
-  sytrd, ormtr on the n gradients, stemr for T's eigenpairs, GEMM -- no back-transformation.
+  sytrd, ormtr on the n gradients, stedc (divide and conquer) for T's eigenpairs, GEMM -- no
+  back-transformation; ``tri64_stemr`` / ``tri32_stemr``: the same with MRRR (``stemr``).
 
 Timing part (--sizes, --threads): a seeded random symmetric H (entries N(0, 1), symmetrised)
 and n seeded Gaussian gradients with row scales 1e-3..1e3 and 1 % zero rows; the routes run
-in interleaved rounds (eigh, tri64, tri32, eigh, ...), all at the same thread count (torch
-intra-op threads and the BLAS threads of scipy's OpenBLAS). Per size: median seconds, the
-speedup eigh / tri, the tri stages, and agreement with the eigh route (max |difference| of
-max_abs and mean_abs, G counts of both rules at an eps from 5 random directions as in the
-paper: mean_r max_s |cos(g_s, r)|).
+in interleaved rounds (--routes, default eigh, tri64, tri32, eigh, ...), all at the same
+thread count (torch intra-op threads and the BLAS threads of scipy's OpenBLAS). Per size:
+median seconds, the speedup (first route / route), the stages, and agreement with the first
+route (max |difference| of max_abs and mean_abs, G counts of both rules at an eps from 5
+random directions as in the paper: mean_r max_s |cos(g_s, r)|).
 
 Agreement part (--mlp-width): the exact float64 Hessian of the paper's MLP 2-w-w-3
 (hbk.boundary.models.FNN2Layer, torch seed 0, 200 epochs of SGD on the 3-class Gaussian
@@ -72,13 +73,25 @@ def eigh_route(H: torch.Tensor, G: torch.Tensor, chunk: int = 1024) -> dict:
             "stages": {"eigh": t1 - t0, "gemm": t2 - t1}}
 
 
-def tri_route(H: torch.Tensor, G: torch.Tensor, dtype: torch.dtype, threads: int) -> dict:
+def tri_route(H: torch.Tensor, G: torch.Tensor, dtype: torch.dtype, threads: int,
+              solver: str = "stedc") -> dict:
     c0 = time.process_time()
     t0 = time.perf_counter()
-    r = alignment_spectrum(H, G, dtype=dtype, threads=threads)
+    r = alignment_spectrum(H, G, dtype=dtype, threads=threads, solver=solver)
     return {"eigenvalues": r.eigenvalues, "max_abs": r.max_abs, "mean_abs": r.mean_abs,
             "seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
             "stages": dict(r.seconds)}
+
+
+ROUTES = {"eigh": None, "tri64": (torch.float64, "stedc"), "tri32": (torch.float32, "stedc"),
+          "tri64_stemr": (torch.float64, "stemr"), "tri32_stemr": (torch.float32, "stemr")}
+
+
+def run_route(name: str, H: torch.Tensor, G: torch.Tensor, threads: int) -> dict:
+    if name == "eigh":
+        return eigh_route(H, G)
+    dtype, solver = ROUTES[name]
+    return tri_route(H, G, dtype, threads, solver)
 
 
 def eps_from_directions(G: torch.Tensor, num: int = 5, seed: int = 42) -> float:
@@ -122,8 +135,8 @@ def timing_rows(args, save=lambda rows: None) -> list[dict]:
         eps = eps_from_directions(G)
         for t in args.threads:
             torch.set_num_threads(t)
-            times: dict[str, list[float]] = {"eigh": [], "tri64": [], "tri32": []}
-            cpu: dict[str, list[float]] = {"eigh": [], "tri64": [], "tri32": []}
+            times: dict[str, list[float]] = {k: [] for k in args.routes}
+            cpu: dict[str, list[float]] = {k: [] for k in args.routes}
             stages: dict[str, dict] = {}
             with blas_threads(t):
                 small = torch.eye(64, dtype=torch.float64)
@@ -131,27 +144,24 @@ def timing_rows(args, save=lambda rows: None) -> list[dict]:
                     alignment_spectrum(small, small[:4], dtype=dt, threads=t)
                 for _ in range(args.rounds):
                     res = {}
-                    res["eigh"] = eigh_route(H, G)
-                    res["tri64"] = tri_route(H, G, torch.float64, t)
-                    res["tri32"] = tri_route(H, G, torch.float32, t)
-                    for k, v in res.items():
-                        times[k].append(v["seconds"])
-                        cpu[k].append(v["cpu_s"])
-                        stages[k] = v["stages"]
+                    for k in args.routes:
+                        res[k] = run_route(k, H, G, t)
+                        times[k].append(res[k]["seconds"])
+                        cpu[k].append(res[k]["cpu_s"])
+                        stages[k] = res[k]["stages"]
+                        print(f"  {k}: {res[k]['seconds']:.1f} s {res[k]['stages']}", flush=True)
                     print(f"p={p} threads={t}: " + ", ".join(
                         f"{k} {v['seconds']:.1f} s (cpu {v['cpu_s']:.1f} s, {v['stages']})"
                         for k, v in res.items()), flush=True)
             med = {k: statistics.median(v) for k, v in times.items()}
-            rows.append({
-                "p": p, "n": args.n, "threads": t, "rounds": args.rounds, "times": times,
-                "cpu_s": cpu, "median_cpu_s": {k: statistics.median(v) for k, v in cpu.items()},
-                "median_s": med, "speedup_tri64": med["eigh"] / med["tri64"],
-                "speedup_tri32": med["eigh"] / med["tri32"], "stages": stages, "eps": eps,
-                "agree_tri64": agreement(res["eigh"], res["tri64"], eps),
-                "agree_tri32": agreement(res["eigh"], res["tri32"], eps),
-            })
-            print(json.dumps({k: rows[-1][k] for k in ("p", "threads", "median_s", "median_cpu_s",
-                                                        "speedup_tri64", "speedup_tri32")}),
+            row = {"p": p, "n": args.n, "threads": t, "rounds": args.rounds, "times": times,
+                   "cpu_s": cpu, "median_cpu_s": {k: statistics.median(v) for k, v in cpu.items()},
+                   "median_s": med, "stages": stages, "eps": eps}
+            for k in args.routes[1:]:  # the first route is the reference (eigh by default)
+                row[f"speedup_{k}"] = med[args.routes[0]] / med[k]
+                row[f"agree_{k}"] = agreement(res[args.routes[0]], res[k], eps)
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k.startswith(("speedup", "median"))}),
                   flush=True)
             save(rows)
     return rows
@@ -193,19 +203,19 @@ def markdown(doc: dict) -> str:
     lines = ["# G by tridiagonalisation vs eigh (bench/bench_gmeasure.py)", "",
              f"Command: `{doc['command']}`", ""]
     if doc["timing"]:
-        head = ("| p | n | threads | rounds | eigh + GEMM s | tri64 s | tri32 s | speedup 64 | "
-                "speedup 32 | tri64 stages s | max_abs err 64 / 32 | G max ref / 64 / 32 | "
-                "G mean ref / 64 / 32 |")
-        lines += [head, "|" + "---|" * 13]
+        lines += [("| p | n | threads | rounds | route | median s | speedup vs first | stages s | "
+                   "max_abs err (gapped) | G max ref / route | G mean ref / route |"),
+                  "|" + "---|" * 11]
         for r in doc["timing"]:
-            m, a64, a32 = r["median_s"], r["agree_tri64"], r["agree_tri32"]
-            st = ", ".join(f"{k} {v:.1f}" for k, v in r["stages"]["tri64"].items() if k != "total")
-            lines.append(
-                f"| {r['p']} | {r['n']} | {r['threads']} | {r['rounds']} | {m['eigh']:.1f} | "
-                f"{m['tri64']:.1f} | {m['tri32']:.1f} | {r['speedup_tri64']:.2f}x | "
-                f"{r['speedup_tri32']:.2f}x | {st} | {a64['max_abs_err']:.1e} / "
-                f"{a32['max_abs_err']:.1e} | {a64['G_max_ref']} / {a64['G_max']} / "
-                f"{a32['G_max']} | {a64['G_mean_ref']} / {a64['G_mean']} / {a32['G_mean']} |")
+            for k, sec in r["median_s"].items():
+                st = ", ".join(f"{a} {v:.1f}" for a, v in r["stages"][k].items() if a != "total")
+                a = r.get(f"agree_{k}")
+                sp = r.get(f"speedup_{k}")
+                agree = ("reference | | |" if a is None else
+                         f"{a['max_abs_err']:.1e} ({a.get('max_abs_err_gapped', float('nan')):.1e})"
+                         f" | {a['G_max_ref']} / {a['G_max']} | {a['G_mean_ref']} / {a['G_mean']} |")
+                lines.append(f"| {r['p']} | {r['n']} | {r['threads']} | {r['rounds']} | {k} | "
+                             f"{sec:.1f} | {'' if sp is None else f'{sp:.2f}x'} | {st} | {agree}")
     for r in doc["mlp"]:
         lines += ["", f"{r['model']} (p = {r['p']}, n = {r['n']}, eps = {r['eps']:.4g}): times "
                   + ", ".join(f"{k} {v:.1f} s" for k, v in r["times"].items()),
@@ -221,6 +231,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--mlp-width", type=int, default=0, help="0: skip the real-Hessian part")
     ap.add_argument("--tag", default="", help="suffix of the result files")
+    ap.add_argument("--routes", nargs="+", default=["eigh", "tri64", "tri32"], choices=list(ROUTES),
+                    help="run in this order each round; the first is the reference of the ratios")
     args = ap.parse_args()
     doc = {"command": "python bench/bench_gmeasure.py " + " ".join(sys.argv[1:]),
            "timing": [], "mlp": []}

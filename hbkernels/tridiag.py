@@ -3,32 +3,47 @@
 The measure ``G`` needs, for every eigenvector ``v_j`` of the Hessian ``H``, only the largest
 and the mean ``|cos(g_s, v_j)|`` over ``n`` training gradients ``g_s`` -- not ``v_j`` itself.
 ``eigh`` with vectors spends most of its time forming the ``p x p`` eigenvector matrix
-(the back-transformation ``Q S`` and the divide-and-conquer merges). This module skips it:
+(the back-transformation ``Q S`` and the divide-and-conquer merges). This module skips the
+back-transformation:
 
 1. ``H = Q T Q^T`` (LAPACK ``sytrd``; ``T`` tridiagonal, ``Q`` kept as Householder reflectors
    in the overwritten ``H``);
 2. ``U = Ghat Q`` for the ``n`` unit-normalised gradients ``Ghat`` (``ormtr``, ``O(n p^2)``);
-3. ``T = S diag(lambda) S^T`` by MRRR (``stemr``, ``O(p)`` flops per eigenvector, one call
-   for all of them);
+3. ``T = S diag(lambda) S^T``: by divide and conquer (``stedc``, default: its merges are GEMMs,
+   so it uses the BLAS threads; it scales ``T`` and splits it at negligible off-diagonals
+   itself) or by MRRR (``stemr``, ``solver="stemr"``: ``O(p)`` flops per eigenvector but a
+   large constant, sequential, run beside step 2 when threads allow);
 4. the cosines ``C = U S`` in column chunks (GEMMs), reduced to ``max_s |C|`` and
    ``mean_s |C|`` per eigenvector, or kept whole (``(n, p)``) for the per-sample figure.
 
 Since ``v_j = Q s_j``, ``C[s, j] = <ghat_s, Q s_j> = <Q^T ghat_s, s_j>``: the same numbers as
 ``eigh`` plus a GEMM, up to the sign of each eigenvector (which ``|cos|`` does not see).
 
+Routes measured and left out (bench/bench_gmeasure.py, bench/results/gmeasure*.md):
+``dlaed0`` with ``ICOMPQ = 1`` would return ``U S`` without ``S``, but LAPACK requires
+``QSIZ >= p`` (``INFO = -2`` for ``n < p``, the usual case), and padding ``U`` to ``p`` rows
+costs what forming ``S`` costs. The MKL internals that libtorch_cpu exports
+(``mkl_lapack_dsytrd``, ...) take 64-bit integers (32-bit ones corrupt memory) and were 3.5x
+slower than scipy's ``sytrd`` at ``p = 3000`` here, so they are not used. ``sytrd`` (level-2
+bound: it reads the trailing matrix once per column, so threads barely help) is the largest
+stage at large ``p``.
+
 Memory (``p`` parameters, ``n`` gradients, ``c = chunk``, ``b`` bytes per entry of ``dtype``),
-what the call allocates: the ``p x p`` eigenvectors ``S`` of ``T``; a ``p x p`` working copy
-of ``H`` unless ``overwrite=True`` (freed before ``S`` is made when ``top_vectors=0``); ``U``
-(``n x p``) and a float64 ``n x p`` temporary while normalising; ``(p + 2 n) c`` per GEMM
-chunk; ``n p`` more for ``return_alignments``. Peak: ``b (p^2 + n p + (p + 2 n) c) + 8 n p``
-with ``overwrite=True``, or with one thread and ``top_vectors=0`` (``b p^2`` more otherwise:
-with two threads ``stemr`` runs beside ``ormtr``, so ``S`` and the copy coexist); the input
-``H`` is the caller's. ``torch.linalg.eigh`` with vectors allocates the ``p x p`` output and a
+what the call allocates: a ``p x p`` working copy of ``H`` unless ``overwrite=True`` (freed
+after step 2 when ``top_vectors=0``); ``U`` (``n x p``) and a float64 ``n x p`` temporary while
+normalising; the ``p x p`` eigenvectors ``S`` of ``T`` (plus, for ``stedc``, a ``p^2``
+workspace freed when it returns); ``(p + 2 n) c`` per GEMM chunk; ``n p`` more for
+``return_alignments``. With ``K = p^2`` if the working copy is kept for ``top_vectors`` (else
+0), the peak is ``b max(2 p^2 + n p + K, p^2 + n p + (p + 2 n) c + K) + 8 n p`` for
+``stedc`` (plus ``b n p`` for ``return_alignments`` in the second term), and
+``b (p^2 + n p + (p + 2 n) c + K) + 8 n p`` for ``stemr`` (``b p^2`` more with two threads
+and no ``top_vectors``: ``S`` is made beside ``ormtr`` while the copy exists); the input ``H``
+is the caller's. ``torch.linalg.eigh`` with vectors allocates the ``p x p`` output and a
 ``syevd`` workspace of about ``2 p^2`` beside the input.
 
-LAPACK is scipy's (``scipy.linalg.lapack`` for ``sytrd``; ``ormtr`` and ``stemr`` through the
-function pointers that ``scipy.linalg.cython_lapack`` exports, called with ``ctypes``, which
-releases the GIL). The GEMMs are torch's.
+LAPACK is scipy's (``scipy.linalg.lapack`` for ``sytrd``; ``ormtr``, ``stedc`` and ``stemr``
+through the function pointers that ``scipy.linalg.cython_lapack`` exports, called with
+``ctypes``, which releases the GIL). The GEMMs are torch's.
 """
 
 from __future__ import annotations
@@ -49,6 +64,7 @@ __all__ = ["AlignmentSpectrum", "alignment_spectrum"]
 
 _FN = "hbk.alignment_spectrum"
 _RULES = ("max", "mean")
+_SOLVERS = ("stedc", "stemr")
 _PARALLEL_MIN_P = 2048  # below this p the call runs on one thread
 
 # ----------------------------------------------------------------------------- LAPACK access
@@ -158,6 +174,32 @@ def _stemr(d: np.ndarray, e: np.ndarray, il: int, iu: int) -> tuple[np.ndarray, 
     return w2.astype(dt), np.asfortranarray(z2.astype(dt)), True
 
 
+def _stedc(d: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """All eigenpairs of the tridiagonal ``(d, e)`` by divide and conquer (``stedc``, ``COMPZ="I"``:
+    its merges are GEMMs, so BLAS threads help; it scales ``T`` and splits it at negligible
+    off-diagonals itself).
+
+    Returns ``(w (p,) ascending, Z (p, p) F-ordered, fell_back)``; falls back to :func:`_stemr`
+    if ``stedc`` reports a failure. Workspace: ``p^2 + 4 p + 1`` entries beside ``Z``.
+    """
+    dt = d.dtype
+    f = _lapack("dstedc" if dt == np.float64 else "sstedc", 10)
+    p = d.size
+    dd, ee = d.copy(), np.zeros(max(p - 1, 1), dtype=dt)
+    ee[: p - 1] = e
+    z = np.empty((p, p), dtype=dt, order="F")
+    info = ctypes.c_int(0)
+    lwork, liwork = 1 + 4 * p + p * p, 3 + 5 * p  # the documented minima for COMPZ = "I"
+    work, iwork = np.empty(lwork, dtype=dt), np.empty(liwork, dtype=np.int32)
+    f(_ch("I"), _int(p), _ptr(dd), _ptr(ee), _ptr(z), _int(p), _ptr(work), _int(lwork),
+      _ptr(iwork), _int(liwork), ctypes.byref(info))
+    del work, iwork
+    if info.value == 0 and np.isfinite(dd).all():
+        return dd, z, False
+    del z
+    return _stemr(d, e, 1, p)[0:2] + (True,)
+
+
 def _blas_threads(threads: int):
     try:
         from threadpoolctl import threadpool_limits
@@ -180,7 +222,9 @@ class AlignmentSpectrum(Result):
         dtype: the dtype of the factorisation (``"float64"`` or ``"float32"``).
         seconds: wall time of each stage (``sytrd``, ``ormtr``, ``stemr_gemm``, ``total``).
         peak_bytes: the estimated peak of the arrays this call allocates (module docstring).
-        stemr_fallback: True when ``stemr`` failed and ``stebz``/``stein`` was used.
+        stemr_fallback: True when the solver failed and a fallback ran (``stedc`` -> ``stemr``,
+            ``stemr`` -> ``stebz``/``stein``).
+        solver: the tridiagonal eigensolver asked for (``"stedc"`` or ``"stemr"``).
         alignments: ``(n, p)`` signed cosines ``C[s, j]`` (column ``j`` for eigenvalue ``j``,
             the sign of each column matching ``vectors``), or None unless requested.
         vectors: ``(p, k)`` the top-``k`` unit eigenvectors (``top_vectors=k``), or None.
@@ -194,6 +238,7 @@ class AlignmentSpectrum(Result):
     seconds: dict
     peak_bytes: int
     stemr_fallback: bool = False
+    solver: str = "stemr"
     alignments: torch.Tensor | None = field(default=None, repr=False)
     vectors: torch.Tensor | None = field(default=None, repr=False)
 
@@ -214,7 +259,7 @@ class AlignmentSpectrum(Result):
     def to_dict(self) -> dict:
         return {"num_params": self.num_params, "num_samples": self.num_samples,
                 "dtype": self.dtype, "seconds": self.seconds, "peak_bytes": self.peak_bytes,
-                "stemr_fallback": self.stemr_fallback,
+                "stemr_fallback": self.stemr_fallback, "solver": self.solver,
                 "top_eigenvalues": self.eigenvalues[:25], "max_abs": self.max_abs,
                 "mean_abs": self.mean_abs}
 
@@ -247,6 +292,7 @@ def alignment_spectrum(
     chunk: int = 1024,
     threads: int | None = None,
     symmetry_rtol: float = 1e-5,
+    solver: str = "stedc",
 ) -> AlignmentSpectrum:
     """Eigenvalues of ``H`` and the per-eigenvector max/mean ``|cos|`` with ``n`` gradients.
 
@@ -273,6 +319,8 @@ def alignment_spectrum(
         threads: BLAS threads of ``sytrd``/``ormtr`` (default ``torch.get_num_threads()``;
             one below ``p = 2048``); the GEMMs use torch's threads.
         symmetry_rtol: allowed ``max |H - H^T| / max |H|``.
+        solver: eigenpairs of ``T``: ``"stedc"`` (divide and conquer, faster, ``p^2`` more
+            workspace) or ``"stemr"`` (MRRR, runs beside ``ormtr`` with two or more threads).
 
     Returns:
         :class:`AlignmentSpectrum` (eigenvalues descending, in float64).
@@ -301,6 +349,7 @@ def alignment_spectrum(
     chunk = check_int(_FN, "chunk", chunk, 1)
     threads = check_int(_FN, "threads", torch.get_num_threads() if threads is None else threads, 1)
     symmetry_rtol = check_float(_FN, "symmetry_rtol", symmetry_rtol, lo=0.0)
+    solver = check_choice(_FN, "solver", solver, _SOLVERS)
     dtype = H.dtype if dtype is None else dtype
     if dtype not in (torch.float32, torch.float64):
         fail(_FN, "dtype float32 or float64", dtype, TypeError, raw=True)
@@ -328,11 +377,12 @@ def alignment_spectrum(
                  raw=True)
         secs["sytrd"] = time.perf_counter() - t
 
-        # 3. All eigenpairs of T in one MRRR call (range "A": dqds eigenvalues; separate
-        # index-range calls can return one vector twice across a split cluster). With two or
-        # more threads it runs beside step 2 (stemr is sequential; ctypes releases the GIL).
+        # 3. All eigenpairs of T in one call: stedc (divide and conquer, after step 2, with the
+        # BLAS threads) or MRRR (range "A": dqds eigenvalues; separate index-range calls can
+        # return one vector twice across a split cluster), which with two or more threads runs
+        # beside step 2 (stemr is sequential; ctypes releases the GIL).
         t = time.perf_counter()
-        overlap = threads > 1
+        overlap = threads > 1 and solver == "stemr"
         pool = ThreadPoolExecutor(1) if overlap else None
         future = pool.submit(_stemr, d, e, 1, p) if pool is not None else None
 
@@ -350,12 +400,14 @@ def alignment_spectrum(
             w, S, fell_back = future.result()
             pool.shutdown()
         else:
-            w, S, fell_back = _stemr(d, e, 1, p)
+            if solver == "stedc":  # after ormtr: stedc's merges use the BLAS threads
+                t = time.perf_counter()
+            w, S, fell_back = _stedc(d, e) if solver == "stedc" else _stemr(d, e, 1, p)
         del d, e
-        secs["stemr"] = time.perf_counter() - t  # overlapping ormtr when threads > 1
+        secs[solver] = time.perf_counter() - t  # stemr overlaps ormtr when threads > 1
         vectors = None
         if top_vectors:  # v_j = Q s_j for the top k only
-            V = np.asfortranarray(S[:, ::-1][:, :top_vectors])
+            V = S[:, ::-1][:, :top_vectors].copy(order="F")  # (1, 1): no negative stride
             _ormtr(work, tau, V, "N")
             vectors = torch.from_numpy(V)
             del work
@@ -381,10 +433,15 @@ def alignment_spectrum(
     secs["total"] = time.perf_counter() - t0
     own = not (overwrite and H.dtype == dtype and H.is_contiguous())
     chunk = min(chunk, p)
-    peak = p * p * (2 if own and (top_vectors or threads > 1) else 1) + n * p + (p + 2 * n) * chunk
-    peak = nbytes * (peak + (n * p if return_alignments else 0)) + 8 * n * p
+    copy = p * p if own and top_vectors else 0  # the working matrix, kept for the top vectors
+    gemm = p * p + n * p + (p + 2 * n) * chunk + (n * p if return_alignments else 0) + copy
+    if solver == "stedc":  # Z and stedc's p^2 workspace beside U (and the kept copy)
+        peak = max(gemm, 2 * p * p + n * p + copy)
+    else:  # with threads > 1 stemr's S is made while the copy still exists
+        peak = gemm + (p * p if own and threads > 1 and not top_vectors else 0)
+    peak = nbytes * peak + 8 * n * p
     return AlignmentSpectrum(
         eigenvalues=evals, max_abs=max_abs, mean_abs=mean_abs, num_samples=n,
         dtype=str(dtype).replace("torch.", ""), seconds=secs, peak_bytes=int(peak),
-        stemr_fallback=fell_back, alignments=C_all, vectors=vectors,
+        stemr_fallback=fell_back, solver=solver, alignments=C_all, vectors=vectors,
     )

@@ -66,7 +66,59 @@ def test_float64_matches_eigh(p, n, chunk):
     assert r.count(0.0, "max") == p and r.num_params == p and r.num_samples == n
 
 
-def test_repeated_eigenvalues_cluster_invariants():
+@pytest.mark.parametrize("solver", ["stedc", "stemr"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("p,n", [(1, 3), (2, 5), (37, 80), (51, 9)])  # odd p, n > p and n < p
+def test_solvers_match_eigh(solver, dtype, p, n):
+    """Both tridiagonal solvers, both dtypes, against eigh + GEMM in float64 (H with eigenvalue
+    gaps >= 2 / p, so float32 vectors are determined to ~1e-5)."""
+    g = torch.Generator().manual_seed(100 * p + n)
+    Q, _ = torch.linalg.qr(torch.randn(p, p, generator=g, dtype=torch.float64))
+    lam = torch.linspace(-1, 1, p, dtype=torch.float64) if p > 1 else torch.ones(1) * 0.5
+    H = (Q * lam.double()) @ Q.T
+    H = (H + H.T) / 2
+    G = _grads(n, p, p + n, zero_rows=(0, n - 1))
+    ev, V, C = _eigh_route(H, G)
+    k = min(2, p)
+    r = alignment_spectrum(H.to(dtype), G, return_alignments=True, top_vectors=k, solver=solver)
+    tol = 1e-11 if dtype == torch.float64 else 2e-5
+    assert r.solver == solver and not r.stemr_fallback and r.alignments.dtype == dtype
+    torch.testing.assert_close(r.eigenvalues, ev, rtol=0, atol=tol)
+    torch.testing.assert_close(r.max_abs, C.abs().amax(0), rtol=0, atol=tol)
+    torch.testing.assert_close(r.mean_abs, C.abs().mean(0), rtol=0, atol=tol)
+    torch.testing.assert_close(r.alignments.double().abs(), C.abs(), rtol=0, atol=tol)
+    assert (r.alignments[[0, n - 1]] == 0).all()  # zero gradients: cosine 0
+    sign = torch.sign((r.vectors.double() * V[:, :k]).sum(0))
+    torch.testing.assert_close(r.vectors.double() * sign, V[:, :k], rtol=0, atol=10 * tol)
+    torch.testing.assert_close(r.alignments[:, :k].double() * sign, C[:, :k], rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("solver", ["stedc", "stemr"])
+def test_block_diagonal_H_splits_T(solver):
+    """A block-diagonal H (blocks 30, 1, 45, 2) tridiagonalises to a T with zero off-diagonals
+    at the block edges, so stedc works on the split pieces; same answer as eigh."""
+    import numpy as np
+
+    from hbkernels.tridiag import _sytrd
+
+    sizes = (30, 1, 45, 2)
+    H = torch.block_diag(*[_sym(b, 20 + b) * (1 + i) for i, b in enumerate(sizes)])
+    p, n = H.shape[0], 12
+    _, _, e, _ = _sytrd(np.asfortranarray(H.numpy().copy()))
+    assert (np.abs(e) <= 1e-12 * float(H.abs().max())).sum() >= len(sizes) - 1  # T splits
+    G = _grads(n, p, 5, zero_rows=(3,))
+    ev, _, C = _eigh_route(H, G)
+    gaps = (ev[:-1] - ev[1:]).min()
+    assert gaps > 1e-6  # distinct eigenvalues: the per-eigenvector cosines are determined
+    r = alignment_spectrum(H, G, return_alignments=True, solver=solver)
+    torch.testing.assert_close(r.eigenvalues, ev, rtol=0, atol=1e-12 * float(ev.abs().max()))
+    atol = 1e-13 / float(gaps) + 1e-12
+    torch.testing.assert_close(r.alignments.abs(), C.abs(), rtol=0, atol=atol)
+    torch.testing.assert_close(r.max_abs, C.abs().amax(0), rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("solver", ["stedc", "stemr"])
+def test_repeated_eigenvalues_cluster_invariants(solver):
     """Eigenvalues with multiplicity 4 and 3: the eigenvectors inside a cluster are not unique,
     so compare each sample's squared projection on every eigenspace (basis-invariant)."""
     p, n = 30, 8
@@ -80,7 +132,7 @@ def test_repeated_eigenvalues_cluster_invariants():
     H = (H + H.T) / 2
     G = _grads(n, p, 4, zero_rows=(2,))
     ev, _, C = _eigh_route(H, G)
-    r = alignment_spectrum(H, G, return_alignments=True, chunk=5)
+    r = alignment_spectrum(H, G, return_alignments=True, chunk=5, solver=solver)
     torch.testing.assert_close(r.eigenvalues, ev, rtol=0, atol=1e-12)
     # clusters of (numerically) equal eigenvalues
     labels = torch.cumsum(torch.cat([torch.zeros(1), (ev[:-1] - ev[1:] > 1e-8).double()]), 0).long()
@@ -130,13 +182,38 @@ def test_overwrite_threads_and_chunks_same_answer(monkeypatch):
     base = alignment_spectrum(H, G, return_alignments=True)
     assert torch.equal(H, keep)  # overwrite=False leaves H alone
     for kw in ({"chunk": 9, "threads": 2}, {"chunk": 1}, {"overwrite": True},
-               {"overwrite": True, "threads": 2, "top_vectors": 3}):
+               {"overwrite": True, "threads": 2, "top_vectors": 3},
+               {"threads": 2, "solver": "stemr"},
+               {"overwrite": True, "threads": 2, "top_vectors": 3, "solver": "stemr"}):
         Hc = H.clone()
         r = alignment_spectrum(Hc, G, return_alignments=True, **kw)
         torch.testing.assert_close(r.eigenvalues, base.eigenvalues, rtol=0, atol=1e-12)
         torch.testing.assert_close(r.alignments.abs(), base.alignments.abs(), rtol=0, atol=1e-11)
         if kw.get("overwrite"):
             assert not torch.equal(Hc, keep)  # the documented memory saving really happened
+
+
+def test_stedc_failure_falls_back_to_stemr(monkeypatch):
+    import hbkernels.tridiag as td
+
+    real = td._lapack
+
+    def failing(name, nargs):
+        if name != "dstedc":
+            return real(name, nargs)
+
+        def f(*args):  # report a failure the way LAPACK does: INFO > 0
+            args[-1]._obj.value = 1
+
+        return f
+
+    H, G = _sym(20, 3), _grads(6, 20, 4)
+    ev, _, C = _eigh_route(H, G)
+    monkeypatch.setattr(td, "_lapack", failing)
+    r = alignment_spectrum(H, G, return_alignments=True)
+    assert r.stemr_fallback and r.solver == "stedc"
+    torch.testing.assert_close(r.eigenvalues, ev, rtol=0, atol=1e-12)
+    torch.testing.assert_close(r.alignments.abs(), C.abs(), rtol=0, atol=1e-11)
 
 
 def test_real_hessian_and_per_sample_gradients():
@@ -182,6 +259,7 @@ def test_bad_arguments():
         ((H, G), {"top_vectors": 7}, ValueError, "top_vectors <= 6"),
         ((H, G), {"dtype": torch.float16}, TypeError, "dtype float32 or float64"),
         ((H, G), {"return_alignments": 1}, TypeError, "True or False"),
+        ((H, G), {"solver": "dsyev"}, ValueError, r"solver to be one of \('stedc', 'stemr'\)"),
     ]
     for args, kw, exc, msg in bad:
         with pytest.raises(exc, match=r"hbk.alignment_spectrum: expected .*" + msg):
