@@ -22,6 +22,7 @@ from ..checks import fail
 from .base import HVPMethod, identity_block, math_attention, output_hessian
 from .chain import CHAIN_ACTIVATIONS, LinearChain, find_chain
 from .chain_hvp import ChainProducts, chain_unfit_reason
+from .compiled import CompiledHVP
 from .conv_chain import ConvChain, conv_chain_refusal, find_conv_chain
 from .conv_chain_hvp import ConvChainProducts, conv_chain_unfit_reason
 from .forward import ForwardOverReverse
@@ -33,6 +34,7 @@ __all__ = [
     "GGN_METHODS",
     "HESSIAN_METHODS",
     "ChainProducts",
+    "CompiledHVP",
     "ConvChain",
     "ConvChainProducts",
     "ForwardOverReverse",
@@ -50,7 +52,7 @@ __all__ = [
 ]
 
 HESSIAN_METHODS = ("auto", "double_backward", "reverse_over_reverse", "forward_over_reverse",
-                   "linear_chain", "conv_chain")
+                   "linear_chain", "conv_chain", "compiled")
 GGN_METHODS = ("auto", "jvp_vjp", "linear_chain", "conv_chain")
 
 
@@ -110,6 +112,8 @@ def hessian_method(fn: str, obj, method: str) -> HVPMethod:
         return ReverseOverReverse(obj)
     if method == "forward_over_reverse":
         return ForwardOverReverse(obj)
+    if method == "compiled":  # never chosen by auto: compiling costs more than it saves on CPU
+        return CompiledHVP(obj, fn)
     return _strategy(fn, obj, method, False) or ReverseOverReverse(obj)
 
 
