@@ -21,6 +21,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from .appendix import (
+    DirectionFamilies,
+    GradientCoherence,
+    direction_families,
+    family_vectors,
+    gradient_coherence,
+)
 from .datasets import Dataset, list_datasets, load_dataset, read_idx, reference_split
 from .loading import DataFile, build_architecture, load_data_file, load_model_file
 from .margin import MarginResult, estimate_margin
@@ -78,8 +85,8 @@ from .training import (
 )
 
 _PLOTS = ("MapRow", "g_note", "plot_alignment_curves", "plot_alignment_maps",
-          "plot_embedding_alignment", "plot_margins", "plot_sample_alignment", "plot_spectra",
-          "tsne_embedding")
+          "plot_embedding_alignment", "plot_gradient_coherence", "plot_margins",
+          "plot_sample_alignment", "plot_spectra", "tsne_embedding")
 
 __all__ = [  # noqa: RUF022 - grouped by purpose
     # the paper API
@@ -89,10 +96,13 @@ __all__ = [  # noqa: RUF022 - grouped by purpose
     "SpectralType", "bulk_outliers", "BulkOutliers", "class_spectra", "estimate_margin",
     "MarginResult", "alignment_map", "GridAlignment", "gradient_alignment", "make_grid",
     "plane_grid", "parameter_norm",
+    # the appendix analyses
+    "direction_families", "DirectionFamilies", "family_vectors", "gradient_coherence",
+    "GradientCoherence",
     # figures (imported on first use)
     "MapRow", "g_note", "plot_alignment_curves", "plot_alignment_maps",
-    "plot_embedding_alignment", "plot_margins", "plot_sample_alignment", "plot_spectra",
-    "tsne_embedding",
+    "plot_embedding_alignment", "plot_gradient_coherence", "plot_margins",
+    "plot_sample_alignment", "plot_spectra", "tsne_embedding",
     # files
     "load_model_file", "load_data_file", "build_architecture", "DataFile",
     # built-in datasets, models, training
