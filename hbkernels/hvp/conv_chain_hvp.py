@@ -45,6 +45,7 @@ from .conv_chain import _ACTS, ConvChain
 __all__ = ["ConvChainProducts", "conv_chain_unfit_reason"]
 
 _NEEDS_4D = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+UNFOLD_BYTES = 1 << 30  # float64 patch caches (all layers and batches of one operator)
 
 
 def conv_chain_unfit_reason(obj, chain: ConvChain, batch: Batch) -> str | None:
@@ -107,6 +108,7 @@ class _Affine(_Layer):
         self.W = m.weight.detach()
         self.bias = None if m.bias is None else m.bias.detach()
         self.conv = type(m) is nn.Conv2d
+        self.unfold = None  # float64: a callable(bytes) -> bool granting a patch cache
         if self.conv:
             self.stride, self.padding = _pair(m.stride), _pair(m.padding)
 
@@ -131,7 +133,11 @@ class _Affine(_Layer):
         out = self._fwd(z, self.W)
         if self.bias is not None:
             out = out + (self.bias.view(-1, 1, 1) if self.conv else self.bias)
-        return out, tuple(out.shape[1:])
+        U = None
+        if self.conv and self.unfold is not None and \
+                self.unfold(out[:, :1].numel() * self.W[0].numel() * z.element_size()):
+            U = F.unfold(z, self.W.shape[2:], padding=self.padding, stride=self.stride)
+        return out, (tuple(out.shape[1:]), U)
 
     def backward(self, z, st, g):
         return self._in(z.shape, self.W, g)
@@ -141,11 +147,15 @@ class _Affine(_Layer):
         out = None
         if Rz is not None:
             out = self._fwd(Rz.flatten(0, 1), self.W).unflatten(0, (n, b))
-        if dW is not None:  # the b weight directions stacked as b * C_out output channels
+        shape, U = st
+        if dW is not None and U is not None:  # GEMMs on the cached patches (float64)
+            t = torch.matmul(dW.reshape(b * co, -1), U).view(n, b, *shape)
+            out = _add(out, t)
+        elif dW is not None:  # the b weight directions stacked as b * C_out output channels
             out = _add(out, self._fwd(z, dW.flatten(0, 1)).unflatten(1, (b, co)))
         if db is not None:
-            d = db.view(1, b, co, *([1] * (len(st) - 1)))
-            out = d.expand(n, b, *st).clone() if out is None else out.add_(d)
+            d = db.view(1, b, co, *([1] * (len(shape) - 1)))
+            out = d.expand(n, b, *shape).clone() if out is None else out.add_(d)
         return out
 
     def _both(self, grad: torch.Tensor, x: torch.Tensor, W: torch.Tensor):
@@ -162,7 +172,12 @@ class _Affine(_Layer):
         gW = gb = Rin = None
         if Rg is not None:
             gb = Rg.sum((0, *range(3, Rg.dim())))
-            if self.conv and need_in and b == 1:  # conv^T(Rg', W) and Rg' * z in one call
+            U = st[1]
+            if U is not None:  # Rg' * z as GEMMs on the cached patches (float64)
+                gW = (Rg.reshape(n, b * co, -1) @ U.transpose(1, 2)).sum(0).view(b, co, ci, *ks)
+                if need_in:
+                    Rin = self._in((n * b, *z.shape[1:]), self.W, Rg.flatten(0, 1)).unflatten(0, (n, b))
+            elif self.conv and need_in and b == 1:  # conv^T(Rg', W) and Rg' * z in one call
                 gin, gw = self._both(Rg[:, 0], z, self.W)
                 Rin, gW = gin.unsqueeze(1), gw.unsqueeze(0)
             else:  # Rg' * z, the b directions as b * C_out output channels
@@ -323,7 +338,12 @@ class ConvChainProducts(HVPMethod):
                     where[id(m.bias)] = (k, "b")
         named = dict(objective.model.named_parameters())
         self.where = [where[id(named[n])] for n in objective.names]
-        self.first = min(k for k, _ in self.where)  # no tangent before, no Rg needed below
+        self.first = min(k for k, _ in self.where)
+        self._unfold_left = UNFOLD_BYTES
+        if objective.dtype == torch.float64 and objective.data.in_memory:
+            for layer in self.layers:
+                if isinstance(layer, _Affine) and layer.conv:
+                    layer.unfold = self._grant  # no tangent before, no Rg needed below
         self._cache: list[dict] | None = None
         first = objective.data.first()
         reason = conv_chain_unfit_reason(objective, chain, first)
@@ -331,6 +351,7 @@ class ConvChainProducts(HVPMethod):
             fail(objective.fn, "data the closed-form conv chain can take (one tensor input "
                  "the layers accept, no forward=) for method='conv_chain'", reason, raw=True)
         c = self._prepare(first)
+        self._unfold_left = UNFOLD_BYTES  # the check's batch is prepared again with the rest
         with torch.no_grad():
             want = objective.outputs(objective.params, first)[0]
         got = c["out"]
@@ -339,6 +360,13 @@ class ConvChainProducts(HVPMethod):
                  f"outputs that differ (max |diff| {float((want - got).abs().max()):.3g})"
                  if want.shape == got.shape else f"shape {tuple(got.shape)} vs "
                  f"{tuple(want.shape)}", raw=True)
+
+    def _grant(self, nbytes: int) -> bool:
+        """Whether a patch cache of ``nbytes`` fits in what is left of :data:`UNFOLD_BYTES`."""
+        if nbytes > self._unfold_left:
+            return False
+        self._unfold_left -= nbytes
+        return True
 
     # ------------------------------------------------------------------ per-batch quantities
     def _prepared(self):
@@ -424,3 +452,4 @@ class ConvChainProducts(HVPMethod):
 
     def release(self) -> None:
         self._cache = None
+        self._unfold_left = UNFOLD_BYTES
