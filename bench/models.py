@@ -3,7 +3,9 @@
 * ``mlp``: the paper's FNN_2layer 2-100-100-3 (p = 10,703) on the paper's 3-class Gaussian
   mixture (reference_setup.md 1.1), cross-entropy;
 * ``cnn``: the paper's MNIST CNN (p = 7,203 for 3 classes) on 1x28x28 uniform images;
-* ``lenet5``: LeNet-5 on CIFAR-shaped 3x32x32 inputs, 10 classes (p = 62,006);
+* ``lenet5``: LeNet-5 on CIFAR-shaped 3x32x32 inputs, 10 classes (p = 62,006); both describe
+  themselves as a :class:`hbkernels.hvp.ConvChain`, so ``method="auto"`` runs the closed-form
+  conv chain on them (``"double_backward"`` for the autograd products);
 * ``resnet``: a small ResNet (3 basic blocks with BatchNorm, in eval mode) on 3x16x16 inputs;
 * ``transformer``: a one-layer transformer encoder classifier on token sequences (attention
   run with the math SDPA backend, which has a double backward on every device);

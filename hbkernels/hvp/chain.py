@@ -6,7 +6,8 @@ Linear, ..., Linear`` with act in ReLU/Tanh/Sigmoid is recognised as one. The cl
 products of :mod:`hbkernels.hvp.chain_hvp` use it; the core never needs to know the class.
 A chain is only accepted when it owns every parameter of the model and the model has no
 buffers and no hooks, and the products check on the first batch that the chain computes the
-model's outputs.
+model's outputs. Convolutional nets (Conv2d, pooling, flatten) have their own description,
+:class:`~hbkernels.hvp.conv_chain.ConvChain`, with the same rules.
 """
 
 from __future__ import annotations
