@@ -231,3 +231,19 @@ def test_custom_forward_falls_back() -> None:
     op = hbk.HessianOperator(make_model("lenet_like"), "ce", (X, y),
                              forward=lambda m, b: (m(b[0]), b[1]))
     assert op.method == "double_backward"
+
+
+@pytest.mark.parametrize("budget", [0, 40_000])
+def test_float64_patch_cache_budget(monkeypatch, budget) -> None:
+    """float64 runs the weight-direction terms as GEMMs on cached patches while they fit in
+    UNFOLD_BYTES; without the cache (or with part of it) the convolutions give the same H."""
+    import hbkernels.hvp.conv_chain_hvp as cch
+
+    monkeypatch.setattr(cch, "UNFOLD_BYTES", budget)
+    H = reference("stride_tanh", "ce", "mean")
+    model, X, y = make_model("stride_tanh"), inputs(), targets("ce")
+    op = hbk.HessianOperator(model, "ce", data_for(X, y, "several"))
+    V = torch.randn(op.dim, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert_close_scaled(op @ V, H @ V, rtol=1e-12)
+    cached = [c["st"][k][1] is not None for c in op.strategy._cache for k in (0, 3)]
+    assert (not any(cached)) if budget == 0 else (any(cached) and not all(cached))
