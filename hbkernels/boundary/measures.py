@@ -1073,7 +1073,9 @@ class Analysis(JsonResult):
     alignments with the top eigenvectors), ``spectrum`` (all eigenvalues, the top ``keep``
     eigenvectors; :func:`compute_spectrum` gives all of them), ``labels``
     and the optional ``per_class`` spectra and ``margin`` go into the tensor file on ``save``;
-    ``to_dict`` holds the scalars only.
+    ``to_dict`` holds the scalars only (``per_class``: lambda_max, trace and top eigenvalues per
+    class). ``coherence`` is the class-block gradient coherence
+    (:class:`~hbkernels.boundary.appendix.GradientCoherence`, block means only) or None.
     """
 
     num_params: int
