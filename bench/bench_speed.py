@@ -23,6 +23,7 @@ subprocess and reports its time and peak RSS.
 
     python bench/bench_speed.py [--models mlp,lenet5,cnn,transformer] [--k 10] [--repeats 3]
         [--n-lenet 512] [--skip pyhessian] [--exact-cnn] [--exact-timeout 600] [--json out.json]
+    python bench/bench_speed.py --compiled --models lenet5,transformer --n 128   # compiled HVP
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def timed_hbk(case: Case, k: int, dtype: torch.dtype, tol: float = TOL,
     t2 = time.perf_counter()
     total = t2 - t0
     return {"total": total, "setup": t1 - t0, "hvp": spent[0], "hvps": int(res.num_matvecs),
-            "outside": total - spent[0], "vals": res.eigenvalues.double().cpu().numpy(),
+            "outside": total - spent[0], "driver": res.overhead_fraction, "vals": res.eigenvalues.double().cpu().numpy(),
             "method": op.method, "converged": int(res.num_converged)
             if hasattr(res, "num_converged") else None}
 
@@ -210,20 +211,50 @@ def bench_model(name: str, k: int, repeats: int, skip: set[str], n: int | None) 
             errs[t] = max(errs.get(t, 0.0), rel_err(vals, ref["vals"]))
     base = statistics.median(tools["hbk f32"])
     lines += [("| solver | s (median [min-max]) | / hbk f32 | max rel eig err vs hbk f64 tol 1e-8 |"
-              " set-up s | in HVPs s | outside HVPs / call | HVPs | ms/HVP in the solve |"),
-              "|---|---|---|---|---|---|---|---|---|"]
+              " set-up s | in HVPs s | outside HVPs / call | outside HVPs / driver | HVPs |"
+              " ms/HVP in the solve |"),
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for t, ts in tools.items():
         row = f"| {t} | {_med(ts)} | {statistics.median(ts) / base:.2f} | {errs[t]:.1e} |"
         if t in extra:
             rs = extra[t]
             row += (f" {_med([r['setup'] for r in rs])} | {_med([r['hvp'] for r in rs])} | "
-                    f"{_med([r['outside'] / r['total'] for r in rs])} | {rs[0]['hvps']} | "
+                    f"{_med([r['outside'] / r['total'] for r in rs])} | "
+                    f"{_med([r['driver'] for r in rs])} | {rs[0]['hvps']} | "
                     f"{_med([1e3 * r['hvp'] / r['hvps'] for r in rs])} |")
         else:
-            row += " | | | | |"
+            row += " | | | | | |"
         lines.append(row)
     lines += [""] + [f"* {x}" for x in notes] + [""]
     return lines
+
+
+def compiled_line(name: str, n: int | None, hvps: int = 30) -> str:
+    """method="compiled" against the auto method: compile time (the first product) and what a
+    solve of ``hvps`` products costs with each."""
+    case = make_case(name, "full", n=n or SIZES[name][0])
+    v = torch.randn(case.p, generator=torch.Generator().manual_seed(1))
+    auto = hbk.HessianOperator(case.model, case.loss_fn, case.data)
+    te = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        auto @ v
+        te.append(time.perf_counter() - t0)
+    te = te[1:]
+    comp = hbk.HessianOperator(case.model, case.loss_fn, case.data, method="compiled")
+    err = float((comp @ v - auto @ v).norm() / (auto @ v).norm())
+    first = comp.strategy.compile_seconds
+    tc = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        comp @ v
+        tc.append(time.perf_counter() - t0)
+    e, c = statistics.median(te), statistics.median(tc)
+    return (f"* **compiled HVP**, {case.description} (p = {case.p:,}): first product (compile) "
+            f"{first:.1f} s; then {_med(tc)} s per product vs {_med(te)} s ({auto.method}), "
+            f"relative difference {err:.1e}; a {hvps}-HVP solve: compiled {first + (hvps - 1) * c:.1f} s "
+            f"vs {hvps * e:.1f} s ({auto.method}): "
+            f"{'compiled faster' if first + (hvps - 1) * c < hvps * e else 'auto faster'}")
 
 
 EXACT = r'''
@@ -267,6 +298,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=None, help="samples for every model")
     ap.add_argument("--skip", default="", help="comma list: curvlinops,hessian_eigenthings,pyhessian")
     ap.add_argument("--exact-cnn", action="store_true")
+    ap.add_argument("--compiled", action="store_true",
+                    help="only method='compiled' vs auto per model (compile time over a 30-HVP solve)")
     ap.add_argument("--exact-timeout", type=int, default=600)
     ap.add_argument("--out", default=None, help="write the markdown here too")
     args = ap.parse_args()
@@ -276,7 +309,8 @@ def main() -> None:
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})"), ""]
     for name in [m for m in args.models.split(",") if m]:
         n = args.n_lenet if name == "lenet5" and args.n_lenet else args.n
-        block = bench_model(name, args.k, args.repeats, skip, n)
+        block = ([compiled_line(name, n)] if args.compiled else
+                 bench_model(name, args.k, args.repeats, skip, n))
         print("\n".join(block), flush=True)
         lines += block
     if args.exact_cnn:

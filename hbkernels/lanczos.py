@@ -61,7 +61,8 @@ class LanczosResult(Result):
             (Gram-Schmidt and copies after each call), "solve_seconds" (projected
             eigensolves), "restart_seconds" (restarts and probe starts), "finish_seconds"
             (Ritz vectors and residuals), "python_seconds" (argument checks, start block and
-            result, outside the C++ driver).
+            result, outside the C++ driver); with ``block_size="auto"`` also "block_rule"
+            ("cpu" or "timed") and, when timed, the trial's times and product count.
     """
 
     eigenvalues: torch.Tensor
@@ -112,6 +113,42 @@ class LanczosResult(Result):
         if include_vectors:
             return super().save(path)
         return dataclasses.replace(self, eigenvectors=self.eigenvectors[:, :0]).save(path)
+
+
+AUTO_BLOCK = 4  # block size tried by block_size="auto"
+AUTO_BLOCK_GAIN = 0.7  # a block is chosen when its per-vector time is below this x a single's
+
+
+def choose_block_size(t_single: float, t_block: float, b: int = AUTO_BLOCK) -> int:
+    """``b`` when one product of ``b`` vectors (``t_block`` s) costs less than
+    ``AUTO_BLOCK_GAIN`` times ``b`` single products (``t_single`` s each), else 1."""
+    return b if t_block < AUTO_BLOCK_GAIN * b * t_single else 1
+
+
+def _auto_block_size(matvec: Callable, dim: int, dtype: torch.dtype,
+                     device: torch.device) -> tuple[int, dict]:
+    """``block_size="auto"``: 1 on CPU without any trial (on every model measured there a
+    block product costs 1.06-2.3x a single product per vector, bench/results/bench_speed.md);
+    elsewhere one single and one ``AUTO_BLOCK`` product, timed (synchronised), decide."""
+    b = min(AUTO_BLOCK, dim)
+    if device.type == "cpu" or b < 2:
+        return 1, {"block_rule": "cpu"}
+    g = torch.Generator().manual_seed(0)
+    V = torch.randn(dim, b, generator=g, dtype=dtype).to(device)
+
+    def timed(x: torch.Tensor) -> float:
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
+        sync(device)
+        t0 = time.perf_counter()
+        matvec(x)
+        sync(device)
+        return time.perf_counter() - t0
+
+    timed(V[:, 0].contiguous())  # warm-up (kernels, caches)
+    t1, tb = timed(V[:, 0].contiguous()), timed(V)
+    return choose_block_size(t1, tb, b), {"block_rule": "timed", "block_trial_single_s": t1,
+                                          "block_trial_per_vector_s": tb / b,
+                                          "block_trial_matvecs": 2 + b}
 
 
 def default_ncv(dim: int, k: int, block_size: int = 1) -> int:
@@ -182,7 +219,7 @@ def lanczos(
     seed: int | None = None,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
-    block_size: int = 1,
+    block_size: int | str = 1,
     quiet: bool = True,
     store_products: bool = True,
     reorth: str = "selective",
@@ -216,7 +253,11 @@ def lanczos(
         dtype: basis dtype, float32 or float64.
         device: basis device (default: v0's device, else CPU).
         block_size: vectors per ``matvec`` call, ``1 <= block_size <= dim``; > 1 runs block
-            Lanczos with ``(dim, b)`` blocks.
+            Lanczos with ``(dim, b)`` blocks. ``"auto"``: 1 on CPU, with no trial (a block
+            product costs 1.06-2.3x a single product per vector on the MLP, LeNet-5, the
+            MNIST CNN and the transformer there); on other devices one single and one
+            4-vector product are timed (6 products, not counted in ``num_matvecs``, recorded
+            in ``profile``) and 4 is used when the block's per-vector time is below 0.7x.
         quiet: no progress bar when True.
         store_products: keep ``A V`` (twice the basis memory) so that the final residuals need
             no extra ``matvec`` calls; when False they cost ``k`` products (counted).
@@ -262,6 +303,10 @@ def lanczos(
     tol = check_float(_FN, "tol", tol, 0.0, 1.0, lo_open=True, hi_open=True)
     if not isinstance(dtype, torch.dtype) or dtype not in _FLOATS:
         fail(_FN, "dtype float32 or float64", dtype, TypeError, raw=True)
+    device = _check_device(device, v0)
+    auto_info: dict = {}
+    if block_size == "auto":
+        block_size, auto_info = _auto_block_size(matvec, dim, dtype, device)
     block_size = check_int(_FN, "block_size", block_size, 1, dim)
     if ncv is None:
         ncv = default_ncv(dim, k, block_size)
@@ -276,7 +321,6 @@ def lanczos(
     seed = check_seed(_FN, "seed", seed)
     for name, flag in (("quiet", quiet), ("store_products", store_products), ("verify", verify)):
         check_bool(_FN, name, flag)
-    device = _check_device(device, v0)
     v = None if v0 is None else _check_v0(v0, dim, block_size)
     start, seed = _start_block(dim, block_size, v, seed, dtype, device)
 
@@ -320,7 +364,7 @@ def lanczos(
         num_probes=int(out["num_probes"]),
         probe_found=int(out["probe_found"]),
         main_matvecs=int(out["main_matvecs"]),
-        profile=dict(out["profile"]),
+        profile={**dict(out["profile"]), **auto_info},
         skipped_corrections=int(out["skipped_corrections"]),
     )
     nconv = int(res.converged.sum())
