@@ -302,12 +302,20 @@ def _activation_numel(op: CurvatureOperator) -> int:
     return max(counts)
 
 
+ASSEMBLIES = ("auto", "split", "columns")
+
+
 def _assemble(fn: str, op: CurvatureOperator, memory_budget: int | None, quiet: bool,
-              chunk_size: int | None, what: str) -> torch.Tensor:
-    """The ``(p, p)`` matrix of ``op`` from column blocks within a memory budget."""
+              chunk_size: int | None, what: str, assembly: str = "columns") -> torch.Tensor:
+    """The ``(p, p)`` matrix of ``op`` from column blocks within a memory budget.
+
+    ``assembly``: "columns" (identity column blocks of ``op``), "split" (Hessian only: ``J^T D
+    J`` plus the residual's cover columns, :mod:`hbkernels.hvp.split`) or "auto" (split where
+    it applies and saves columns, unless the product method is the closed-form chain)."""
     p = op.dim
     elem = torch.finfo(op.dtype).bits // 8
     need = p * p * elem
+    check_choice(fn, "assembly", assembly, ASSEMBLIES)
     if memory_budget is None:
         memory_budget = _available_bytes(op.device) // 2
     check_int(fn, "memory_budget", memory_budget, 0)
@@ -315,12 +323,80 @@ def _assemble(fn: str, op: CurvatureOperator, memory_budget: int | None, quiet: 
         fail(fn, f"the {p} x {p} {what} ({need / 2**30:.2f} GiB in {op.dtype}) to fit in the memory "
              f"budget", f"a budget of {memory_budget / 2**30:.2f} GiB; use hbk.hessian_eigs for a "
              "few eigenpairs instead", raw=True)
-    if chunk_size is None:
-        per_col = elem * (4 * p + 4 * _activation_numel(op))
-        chunk_size = int(max(1, min(p, 512, (memory_budget - need) // max(per_col, 1))))
-    check_int(fn, "chunk_size", chunk_size, 1)
+    if chunk_size is not None:
+        check_int(fn, "chunk_size", chunk_size, 1)
     check_bool(fn, "quiet", quiet)
+    act = _activation_numel(op)
+    plan = None
+    if assembly == "split" or (assembly == "auto" and isinstance(op, HessianOperator)
+                               and not op.exploits_symmetry):
+        plan = _split_plan(fn, op, assembly, memory_budget - need, elem, act)
     M = torch.empty(p, p, dtype=op.dtype, device=op.device)
+    try:
+        if plan is not None:
+            _assemble_split(op, M, plan, memory_budget - need, elem, act, quiet, chunk_size, fn)
+            _symmetrize_(M)
+            return M
+        _assemble_columns(fn, op, M, memory_budget - need, elem, act, quiet, chunk_size)
+    finally:
+        op.release()
+    (_mirror_lower_ if op.exploits_symmetry else _symmetrize_)(M)
+    return M
+
+
+def _split_plan(fn: str, op: CurvatureOperator, assembly: str, room: int, elem: int, act: int):
+    """The split route's plan, or None (auto) / an error (split) where it does not apply."""
+    from .hvp.split import split_plan
+
+    if not isinstance(op, HessianOperator):
+        fail(fn, "assembly='columns' or 'auto' for a Gauss-Newton matrix", "assembly='split'",
+             raw=True)
+    plan = split_plan(op.objective)
+    if plan.reason is None and 2 * plan.jac_bytes > room:
+        plan.reason = (f"a per-sample Jacobian of {plan.jac_bytes / 2**20:.0f} MiB (x2) over the "
+                       f"{room / 2**20:.0f} MiB left in the memory budget")
+    if plan.reason is None:
+        return plan
+    if assembly == "split":
+        fail(fn, "a model and data the split assembly can take (samples independent, "
+             "(inputs..., targets) batches, a residual cover of at most half the columns)",
+             plan.reason, raw=True)
+    return None
+
+
+def _assemble_split(op: CurvatureOperator, M: torch.Tensor, plan, room: int, elem: int,
+                    act: int, quiet: bool, chunk_size: int | None, fn: str) -> None:
+    from .hvp.split import split_hessian
+
+    obj = op.objective
+    n = max(1, max(int(b.targets.shape[0]) for b in obj.batches()))
+    C = max(1, plan.jac_bytes // max(1, n * obj.dim * elem))
+    left = max(room - 2 * plan.jac_bytes, 0)
+    per_sample = elem * C * (obj.dim + 4 * max(1, act // n))
+    sample_chunk = int(max(1, min(n, 128, left // max(per_sample, 1))))
+    per_col = elem * (4 * obj.dim + 4 * act)
+    chunk = chunk_size if chunk_size is not None else int(max(1, min(64, left // per_col)))
+    bar = None
+    if not quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=plan.columns * sum(1 for _ in obj.batches()), desc=fn, unit="col")
+    try:
+        col_chunk = int(max(1, min(obj.dim, 512, left // max(1, 4 * elem * n * C))))
+        split_hessian(obj, M, plan, chunk, sample_chunk, col_chunk,
+                      None if bar is None else bar.update)
+    finally:
+        if bar is not None:
+            bar.close()
+    op.num_matvecs += plan.columns
+
+
+def _assemble_columns(fn: str, op: CurvatureOperator, M: torch.Tensor, room: int, elem: int,
+                      act: int, quiet: bool, chunk_size: int | None) -> None:
+    p = op.dim
+    if chunk_size is None:
+        per_col = elem * (4 * p + 4 * act)
+        chunk_size = int(max(1, min(p, 512, room // max(per_col, 1))))
     # Chunks never straddle two parameters (an identity chunk then stays in one layer).
     bounds = np.cumsum([0] + list(op.numels)).tolist()
     chunks = [(c0, min(c0 + chunk_size, b1)) for b0, b1 in itertools.pairwise(bounds)
@@ -335,20 +411,25 @@ def _assemble(fn: str, op: CurvatureOperator, memory_budget: int | None, quiet: 
             M[c0:, c0:c1] = op.columns(c0, c1, lower=True)[c0:]
         else:
             M[:, c0:c1] = op.columns(c0, c1)
-    op.release()
-    (_mirror_lower_ if lower else _symmetrize_)(M)
-    return M
 
 
 def exact_hessian(model: nn.Module, loss_fn: Any, data: Any, dtype: torch.dtype | None = None,
                   memory_budget: int | None = None, quiet: bool = True, params: Any = None,
-                  method: str = "auto", chunk_size: int | None = None, **kwargs: Any) -> torch.Tensor:
-    """The exact ``(p, p)`` Hessian, assembled from block products on identity column chunks.
+                  method: str = "auto", chunk_size: int | None = None, assembly: str = "auto",
+                  **kwargs: Any) -> torch.Tensor:
+    """The exact ``(p, p)`` Hessian, assembled from block products.
 
     Column chunk ``[c0, c1)`` is one block product, never one backward pass per parameter.
     With the closed-form chain only the lower triangle is computed (the backward pass stops
     at each chunk's layer) and mirrored; otherwise the result is symmetrised,
     ``(H + H^T) / 2``, tile by tile.
+
+    The split assembly (``assembly="split"``, chosen by "auto" where it applies) computes
+    ``H = J^T D J + R`` instead: the Gauss-Newton part from per-sample output Jacobians in one
+    GEMM, and of the residual ``R`` (the curvature of the outputs, weighted by the loss's
+    output gradient) only the columns of the parameter tensors that cover its nonzero blocks
+    (found by one product per tensor; in ReLU/max-pool networks its diagonal blocks are zero):
+    544 columns instead of 5,187 on the digits CNN. See :mod:`hbkernels.hvp.split`.
 
     Args:
         model, loss_fn, data, params, method: as for :class:`HessianOperator`.
@@ -356,7 +437,12 @@ def exact_hessian(model: nn.Module, loss_fn: Any, data: Any, dtype: torch.dtype 
         memory_budget: bytes allowed for the matrix plus the block products (default: half of
             the available memory of the device).
         quiet: no progress bar when True.
-        chunk_size: columns per block product (default: from the budget, at most 512).
+        chunk_size: columns per block product (default: from the budget, at most 512; 64 for
+            the residual of the split assembly).
+        assembly: "auto" (split where the samples are independent, the batches are
+            ``(inputs..., targets)`` tensors and the residual cover is at most half the
+            columns, unless the product method is the closed-form chain; else columns),
+            "split" (refused where it does not apply) or "columns" (identity column blocks).
         **kwargs: HessianOperator's reduction, forward, check_deterministic, allow_shuffle, cache.
 
     Returns:
@@ -366,7 +452,9 @@ def exact_hessian(model: nn.Module, loss_fn: Any, data: Any, dtype: torch.dtype 
         ValueError: if the p x p matrix does not fit in the budget.
     """
     op = HessianOperator(model, loss_fn, data, params=params, method=method, dtype=dtype, **kwargs)
-    return _assemble("hbk.exact_hessian", op, memory_budget, quiet, chunk_size, "Hessian")
+    if assembly == "auto" and method != "auto":  # an explicit product method: its columns
+        assembly = "columns"
+    return _assemble("hbk.exact_hessian", op, memory_budget, quiet, chunk_size, "Hessian", assembly)
 
 
 def exact_ggn(model: nn.Module, loss_fn: Any, data: Any, dtype: torch.dtype | None = None,
