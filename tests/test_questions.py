@@ -232,3 +232,9 @@ def test_cli_reproduce_questions_alpha(tmp_path, capsys):
     assert Q.QuestionResult.load(dest / "alpha.json").settings["width"] == 3
     with pytest.raises(SystemExit):
         cli.main(["reproduce", "questions", "--only", "nope"])
+
+
+def test_bulk_widths():
+    assert Q.bulk_widths(Settings()) == (8, 16, 32, 64)
+    assert Q.bulk_widths(Settings(width=6)) == (2, 3, 6)
+    assert Q.bulk_widths(Settings(width=64)) == (8, 16, 32, 64)

@@ -1109,10 +1109,10 @@ def figures(out: str | Path = "results/reproduce", *, datasets: Sequence[str] = 
                                   title="Hessian vs gradient-covariance eigenvectors (gauss normal)")
             figs.append(("Fig. 26: Hessian vs gradient covariance", "covariance.png"))
         elif step == "bulk_scaling":  # Sagun et al.: bulk vs width at fixed data (gauss)
-            from .questions import bulk_scaling
+            from .questions import bulk_scaling, bulk_widths
 
             bs = bulk_scaling(root, seeds=seeds, settings=settings,
-                              figure=dest / "bulk_scaling.png")
+                              widths=bulk_widths(settings), figure=dest / "bulk_scaling.png")
             reports["bulk_scaling"] = bs.summary
             figs.append(("Sagun et al.: bulk and outliers vs width (gauss normal)",
                          "bulk_scaling.png"))

@@ -51,6 +51,7 @@ __all__ = [
     "QuestionResult",
     "alpha_invariance",
     "bulk_scaling",
+    "bulk_widths",
     "large_norm_causes",
     "margin_reliability",
     "plot_bulk_scaling",
@@ -458,7 +459,9 @@ def margin_reliability(root: str | Path = "results/reproduce", *,
                          "median |rel. error|": float(np.median(errs)) if errs else None,
                          "_right": right})
     truth_right = sum(truth[("wide-margin", s)] > truth[("normal", s)] for s in seeds)
+    above = sum(r["estimate"] >= r["grid margin"] for r in rows)
     summary = {"truth_order_right": truth_right, "num_seeds": len(seeds),
+               "estimates_above_truth": above, "num_estimates": len(rows),
                "truth_normal": _mean_std([truth[("normal", s)] for s in seeds]),
                "truth_wide": _mean_std([truth[("wide-margin", s)] for s in seeds]),
                "order_right": {f"{g['steps']}x{g['restarts']}": g["_right"] for g in grid},
@@ -480,10 +483,12 @@ def margin_reliability(root: str | Path = "results/reproduce", *,
                   if all_right else f"No setting gets every seed right (best {best[0]}). ")
         + f"The median relative error against the grid margin ranges over "
         f"{min(v for v in errs.values() if v is not None):.2f}-"
-        f"{max(v for v in errs.values() if v is not None):.2f} across the settings: the "
-        "estimate is a distance from one optimised boundary point to the two most aligned "
-        "training points, an upper bound on the true margin in general, so it ranks models "
-        "only when their margins differ by more than its spread (see the per-seed table)."
+        f"{max(v for v in errs.values() if v is not None):.2f} across the settings, and "
+        f"{above}/{len(rows)} estimates are at or above the grid margin: the estimate is the "
+        "distance from one optimised boundary point to the nearer of the two most aligned "
+        "training points, which is at least that point's distance to the boundary (so an "
+        "upper bound on the margin when the optimised point lies on the boundary); it ranks "
+        "two models only when their margins differ by more than its spread over seeds."
     )
     return QuestionResult(
         name="margin", title="How reliable is the margin estimate?",
@@ -553,28 +558,8 @@ def precision(root: str | Path = "results/reproduce", *, seeds: Sequence[int] = 
                    "G_max f32": _pm([key[(setup, s, "float32", rule)]["G_max"] for s in seeds])}
             cmp_rows.append(row)
             summary[f"{setup}/{'rule' if rule else 'no rule'}"] = {q: max(v) for q, v in d.items()}
-    p = num_params(res.model)
-    worst_rule = max(max(v.values()) for k, v in summary.items() if k.endswith("/rule"))
-    worst_none = max(max(v.values()) for k, v in summary.items() if k.endswith("no rule"))
-    parts = []
-    for setup in setups:
-        a, b = summary[f"{setup}/rule"], summary[f"{setup}/no rule"]
-        parts.append(f"{setup}: with the rule max |ΔG_max| = {a['G_max']:.4g}, |ΔG_mean| = "
-                     f"{a['G_mean']:.4g}, |Δeps| = {a['eps']:.2g}; without it |ΔG_max| = "
-                     f"{b['G_max']:.4g}, |Δeps| = {b['eps']:.2g}")
-    answer = (
-        ("With the round-off rule float32 and float64 agree " if worst_rule <= 2 / p else
-         "Even with the round-off rule float32 and float64 differ ")
-        + f"(largest difference of eps or G over {len(seeds)} seeds: {worst_rule:.3g}; one "
-        f"eigenvector is 1/p = {1 / p:.1e}); without the rule the largest difference is "
-        f"{worst_none:.3g}. " + "; ".join(parts) + ". "
-        + ("The rule is what makes the dtype irrelevant: points whose gradients are at "
-           "round-off level have arbitrary directions in float64 and exact zeros in float32, "
-           "and they decide eps (a max over points) when kept."
-           if worst_none > worst_rule else
-           "Here the rule changes little: no point's gradient sits at round-off level in "
-           "these models.")
-    )
+    answer = _precision_answer(rows, summary, setups, seeds, num_params(res.model),
+                               ds.X_train.shape[0])
     return QuestionResult(
         name="precision", title="eps and G in float32 vs float64",
         question=f"Do eps and G (both rules) of the same trained {dataset} models change when "
@@ -586,6 +571,50 @@ def precision(root: str | Path = "results/reproduce", *, seeds: Sequence[int] = 
                                    "width": settings.width_for(dataset),
                                    "profile": settings.profile},
         seconds=time.perf_counter() - t0)
+
+
+def _precision_answer(rows: Sequence[dict], summary: dict, setups: Sequence[str],
+                      seeds: Sequence[int], p: int, n: int) -> str:
+    """The plain-language reading of :func:`precision`'s numbers."""
+    key = {(r["setup"], r["seed"], r["dtype"], r["round-off rule"]): r for r in rows}
+    parts, agree, differ = [], [], []
+    for setup in setups:
+        a, b = summary[f"{setup}/rule"], summary[f"{setup}/no rule"]
+        ign = {dt: [key[(setup, s, dt, True)]["ignored"] for s in seeds]
+               for dt in ("float64", "float32")}
+        gap = max(abs(x - y) for x, y in zip(ign["float64"], ign["float32"]))
+        g_rule = _mean_std([key[(setup, s, "float64", True)]["G_max"] for s in seeds])[0]
+        g_none = _mean_std([key[(setup, s, "float64", False)]["G_max"] for s in seeds])[0]
+        parts.append(
+            f"{setup}: {np.mean(ign['float64']):.0f} (float64) / {np.mean(ign['float32']):.0f} "
+            f"(float32) of {n} training points are below the round-off floor on average "
+            f"(per-seed counts differ by up to {gap}); float32 vs float64 max |ΔG_max| = "
+            f"{a['G_max']:.4f} with the rule and {b['G_max']:.4f} without, |Δeps| = "
+            f"{a['eps']:.1e} / {b['eps']:.1e}, |ΔG_mean| = {a['G_mean']:.1e} / "
+            f"{b['G_mean']:.1e}; the rule itself moves the float64 G_max from "
+            f"{_fmt(g_none)} to {_fmt(g_rule)}")
+        (agree if max(a.values()) <= 3 / p else differ).append((setup, gap))
+    out = "; ".join(parts) + f" (one eigenvector is 1/p = {1 / p:.1e}). "
+    if agree:
+        out += ("With the round-off rule the two dtypes agree to within three eigenvectors "
+                f"for {', '.join(s for s, _ in agree)}. ")
+    for setup, gap in differ:
+        out += (f"For {setup} they still differ: " + (
+            f"the float32 and float64 copies drop different points (up to {gap} per seed) "
+            "when many gradients sit near the floor, and eps, a max over the kept points, "
+            "and G_max move with those few points. " if gap else
+            "the same points are dropped, so the difference is in the kept points' cosines "
+            "with near-degenerate eigenvectors. "))
+    dm = max(summary[f"{s}/rule"]["G_mean"] for s in setups)
+    dx = max(summary[f"{s}/rule"]["G_max"] for s in setups)
+    out += (f"With the rule G_mean (a mean over points) differs by at most {dm:.1e} "
+            f"({round(dm * p)} eigenvector(s)) and G_max by at most {dx:.1e} "
+            f"({round(dx * p)}): " + ("the maxima over points (eps, G_max) are what round-off "
+                                      "moves. " if dx > dm else "both rules move alike. ")
+            + "Float64 with the rule is the reading to trust"
+            + ("; float32 is close where few gradients sit at the floor." if agree and differ
+               else "."))
+    return out
 
 
 # ----------------------------------------------------------------------------- question 4
@@ -664,7 +693,8 @@ def large_norm_causes(root: str | Path = "results/reproduce", *,
         groups.setdefault((r["width"], r["setup"], r["LN epochs"], r["norm factor"]), []).append(r)
     normal = {(r["width"], r["seed"]): r for r in rows if r["setup"] == "normal"}
     table = []
-    verdict = {}
+    verdict: dict[str, int] = {}
+    accs: dict[str, float | None] = {}
     for (w, setup, e, f), rs in groups.items():
         row = {"width": w, "setup": setup, "LN epochs": e, "norm factor": f,
                "G_max": _pm([r["G_max"] for r in rs]), "G_mean": _pm([r["G_mean"] for r in rs]),
@@ -672,13 +702,19 @@ def large_norm_causes(root: str | Path = "results/reproduce", *,
                "train acc": _pm([r["train acc"] for r in rs], 3),
                "collapsed": sum(bool(r["collapsed"]) for r in rs)}
         if setup == "large-norm":
-            above = sum(r["G_max"] is not None and normal[(w, r["seed"])]["G_max"] is not None
-                        and r["G_max"] > normal[(w, r["seed"])]["G_max"] for r in rs)
-            row["LN > normal (G_max)"] = f"{above}/{len(rs)}"
-            verdict[f"w{w}/e{e}/x{f}"] = above
+            for rule in ("G_max", "G_mean"):
+                above = sum(r[rule] is not None and normal[(w, r["seed"])][rule] is not None
+                            and r[rule] > normal[(w, r["seed"])][rule] for r in rs)
+                row[f"LN > normal ({rule})"] = f"{above}/{len(rs)}"
+                if rule == "G_max":
+                    verdict[f"w{w}/e{e}/x{f}"] = above
+                    accs[f"w{w}/e{e}/x{f}"] = _mean_std([r["train acc"] for r in rs])[0]
         table.append(row)
+    normal_acc = {w: _mean_std([r["train acc"] for r in rows if r["setup"] == "normal"
+                                and r["width"] == w])[0] for w in widths}
     summary = {"large_norm_above_normal": verdict, "random_label_epochs": rl_epochs,
-               "num_seeds": len(seeds)}
+               "num_seeds": len(seeds), "large_norm_train_acc": accs,
+               "normal_train_acc": normal_acc}
     n = len(seeds)
     base = f"w{widths[0]}/e{epochs[0]}/x1.0"
     lines = [f"Seeds with G_max(large norm) > G_max(normal) (of {n}): "
@@ -693,6 +729,11 @@ def large_norm_causes(root: str | Path = "results/reproduce", *,
         lines.append(f"No variant improves on the budget setting ({base}: "
                      f"{verdict.get(base)}/{n}): width, large-norm epochs and the norm window "
                      "do not explain the inversion at this scale.")
+    lines.append("Mean train accuracy: normal " + ", ".join(
+        f"w{w} {_fmt(a)}" for w, a in normal_acc.items()) + "; large norm " + ", ".join(
+        f"{k.replace('/', ' ')} {_fmt(a)}" for k, a in accs.items())
+        + (". A large-norm model that does not fit its training set is not at a minimum "
+           "like the normal one, so its G is compared across unlike points." if any(a is not None and a < 0.99 for a in accs.values()) else "."))
     ncol = sum(bool(r["collapsed"]) for r in rows)
     lines.append(f"Collapsed Hessians: {ncol} of {len(rows)} analyses"
                  + (" (those runs have no G and cannot be above normal)." if ncol else
@@ -738,8 +779,7 @@ def bulk_scaling(root: str | Path = "results/reproduce", *, seeds: Sequence[int]
         figure: where to write the plot (``.png`` and ``.pdf``; None: no figure).
 
     Returns:
-        :class:`QuestionResult` ``bulk`` (``summary["spectra"]`` holds no arrays; the per-width
-        eigenvalues of the first seed are in ``tables`` only as numbers).
+        :class:`QuestionResult` ``bulk`` (scalars only; the spectra are in the figure).
     """
     fn = "hbk.boundary.questions.bulk_scaling"
     t0 = time.perf_counter()
@@ -765,23 +805,8 @@ def bulk_scaling(root: str | Path = "results/reproduce", *, seeds: Sequence[int]
     if figure is not None:
         plot_bulk_scaling(rows, spectra, C, figure)
         figs = [Path(figure).name]
+    answer = _bulk_answer(summary, rows, widths, seeds, C)
     s = summary
-    counts = ", ".join(f"width {w}: {_fmt(c)}" for w, c in s["outliers_mean"].items())
-    answer = (
-        f"Outlier counts (mean over {len(seeds)} seeds) {counts}, against C = {C}: the count "
-        f"is C or C-1 in {s['match_classes']}/{len(rows)} spectra"
-        + (" and does not grow with the width" if s["outliers_slope"] is not None
-           and abs(s["outliers_slope"]) < 0.25 else "")
-        + f". The bulk's spread scales with the width as width^{s['bulk_width_slope']:.2f} and "
-        f"its std as width^{s['bulk_std_slope']:.2f} (log-log fits over widths "
-        f"{widths[0]}-{widths[-1]}, p = {s['num_params'][0]}-{s['num_params'][-1]}), while "
-        f"lambda_max scales as width^{s['lambda_max_slope']:.2f}. "
-        + ("As Sagun et al. report, adding parameters at fixed data mainly changes the bulk "
-           "while the outliers stay tied to the classes."
-           if s["match_classes"] >= 0.75 * len(rows) else
-           "The outlier count by the gap rule does not track C as closely as Sagun et al. "
-           "report; see the per-seed table (the gap rule finds the largest isolated bars).")
-    )
     return QuestionResult(
         name="bulk", title="Bulk and outliers against the width (Sagun et al.)",
         question=f"At fixed data ({dataset}, C = {C} classes), how do the Hessian's outliers "
@@ -794,6 +819,46 @@ def bulk_scaling(root: str | Path = "results/reproduce", *, seeds: Sequence[int]
         seconds=time.perf_counter() - t0)
 
 
+def _bulk_answer(s: dict, rows: Sequence[dict], widths: Sequence[int], seeds: Sequence[int],
+                 C: int) -> str:
+    """The plain-language reading of :func:`bulk_scaling`'s numbers."""
+    counts = ", ".join(f"width {w}: {_fmt(c)}" for w, c in s["outliers_mean"].items())
+    z0, z1 = s["zero_share"][widths[0]], s["zero_share"][widths[-1]]
+    a = s["bulk_width_slope"]
+    tied = s["match_classes"] >= 0.75 * len(rows)
+    return (
+        f"Outlier counts (mean over {len(seeds)} seeds) {counts}, against C = {C}: the count "
+        f"is C or C-1 in {s['match_classes']}/{len(rows)} spectra"
+        + (" and does not change with the width" if s["outliers_slope"] is not None
+           and abs(s["outliers_slope"]) < 0.25 else "")
+        + f". The bulk's extent (max - min below the gap) scales as width^{a:.2f}, its std as "
+        f"width^{s['bulk_std_slope']:.2f}, its total mass sum |lambda| as "
+        f"width^{s['bulk_mass_slope']:.2f}, and lambda_max as width^{s['lambda_max_slope']:.2f} "
+        f"(log-log fits over widths {widths[0]}-{widths[-1]}, p = {s['num_params'][0]}-"
+        f"{s['num_params'][-1]}). The share of eigenvalues with |lambda| <= 1e-3 lambda_max "
+        f"goes from {z0:.2f} (width {widths[0]}) to {z1:.2f} (width {widths[-1]}): the added "
+        "parameters go into the bulk, "
+        + ("mostly as near-zero directions" if z1 > z0 else "not as near-zero directions")
+        + (", while the outliers stay tied to the classes. " if tied else
+           ", while the outlier count does not follow C or C-1 (see the per-seed table). ")
+        + ("Sagun et al.'s outliers ~ classes and bulk-grows-with-parameters are reproduced. "
+           if tied else "")
+        + (f"A bulk whose extent widens with the width is not seen at this scale (extent slope "
+           f"{a:.2f})." if abs(a) < 0.2 else
+           f"The bulk's extent {'widens' if a > 0 else 'narrows'} with the width (slope {a:.2f}).")
+    )
+
+
+def bulk_widths(settings=None) -> tuple[int, ...]:
+    """The widths of the bulk sweep: 8, 16, 32, 64, or, when ``settings.width`` is given
+    (a quick run), ``w/8, w/4, w/2, w`` (at least 2, distinct)."""
+    settings = _settings(settings)
+    if settings.width is None:
+        return (8, 16, 32, 64)
+    w = settings.width
+    return tuple(sorted({max(2, w // k) for k in (8, 4, 2, 1)}))
+
+
 def _bulk_row(ev: torch.Tensor, C: int, width: int, seed: int, acc: float | None = None) -> dict:
     """The bulk/outlier numbers of one spectrum (descending or any order)."""
     bo = bulk_outliers(ev, C)
@@ -802,6 +867,8 @@ def _bulk_row(ev: torch.Tensor, C: int, width: int, seed: int, acc: float | None
     return {"width": width, "seed": seed, "p": int(lam.numel()), "outliers": bo.num_outliers,
             "C or C-1": bo.matches_classes, "bulk width": bo.bulk_width,
             "bulk std": float(bulk.std()) if bulk.numel() > 1 else 0.0,
+            "bulk mass": float(bulk.abs().sum()),
+            "zero share": float((lam.abs() <= 1e-3 * lam.abs().max()).double().mean()),
             "bulk edge": bo.bulk_edge, "lambda_max": float(lam.max()),
             "outlier share of trace": float(lam[lam > bo.bulk_edge].sum() / lam.sum())
             if float(lam.sum()) > 0 else None,
@@ -821,10 +888,13 @@ def _bulk_summary(rows: Sequence[dict], widths: Sequence[int], C: int) -> dict:
     for w in widths:
         rs = [r for r in rows if r["width"] == w]
         means[w] = {q: _mean_std([r[q] for r in rs])[0]
-                    for q in ("outliers", "bulk width", "bulk std", "lambda_max")}
+                    for q in ("outliers", "bulk width", "bulk std", "bulk mass", "zero share",
+                              "lambda_max")}
         table.append({"width": w, "p": rs[0]["p"], "outliers": _pm([r["outliers"] for r in rs], 3),
                       "bulk width": _pm([r["bulk width"] for r in rs]),
                       "bulk std": _pm([r["bulk std"] for r in rs]),
+                      "bulk mass": _pm([r["bulk mass"] for r in rs]),
+                      "zero share": _pm([r["zero share"] for r in rs], 3),
                       "lambda_max": _pm([r["lambda_max"] for r in rs])})
     ws = list(widths)
     return {
@@ -834,6 +904,8 @@ def _bulk_summary(rows: Sequence[dict], widths: Sequence[int], C: int) -> dict:
         "match_classes": sum(bool(r["C or C-1"]) for r in rows),
         "bulk_width_slope": _slope(ws, [means[w]["bulk width"] for w in ws]),
         "bulk_std_slope": _slope(ws, [means[w]["bulk std"] for w in ws]),
+        "bulk_mass_slope": _slope(ws, [means[w]["bulk mass"] for w in ws]),
+        "zero_share": {w: means[w]["zero share"] for w in ws},
         "lambda_max_slope": _slope(ws, [means[w]["lambda_max"] for w in ws]),
         "outliers_slope": (float(np.polyfit([math.log(w) for w in ws],
                                             [means[w]["outliers"] for w in ws], 1)[0])
@@ -965,7 +1037,9 @@ def run_questions(root: str | Path = "results/reproduce", *, only: Sequence[str]
         if not quiet:
             print(f"{name}: {time.perf_counter() - t:.0f} s -> {dest / (name + '.md')}",
                   flush=True)
-    _write_report(dest)
+    report = _write_report(dest)
+    if docs is not None:
+        atomic_write_text(Path(docs) / "report.md", report.read_text())
     return out
 
 
