@@ -9,10 +9,10 @@ back-transformation:
 1. ``H = Q T Q^T`` (LAPACK ``sytrd``; ``T`` tridiagonal, ``Q`` kept as Householder reflectors
    in the overwritten ``H``);
 2. ``U = Ghat Q`` for the ``n`` unit-normalised gradients ``Ghat`` (``ormtr``, ``O(n p^2)``);
-3. ``T = S diag(lambda) S^T``: by divide and conquer (``stedc``, default: its merges are GEMMs,
-   so it uses the BLAS threads; it scales ``T`` and splits it at negligible off-diagonals
-   itself) or by MRRR (``stemr``, ``solver="stemr"``: ``O(p)`` flops per eigenvector but a
-   large constant, sequential, run beside step 2 when threads allow);
+3. ``T = S diag(lambda) S^T``: by divide and conquer (``stedc``, default: its merges are
+   GEMMs; it scales ``T`` and splits it at negligible off-diagonals itself; 2.6x faster than
+   ``stemr`` at ``p = 4000``) or by MRRR (``stemr``, ``solver="stemr"``: ``O(p)`` flops per
+   eigenvector but a large constant); with two or more threads it runs beside step 2;
 4. the cosines ``C = U S`` in column chunks (GEMMs), reduced to ``max_s |C|`` and
    ``mean_s |C|`` per eigenvector, or kept whole (``(n, p)``) for the per-sample figure.
 
@@ -33,13 +33,13 @@ what the call allocates: a ``p x p`` working copy of ``H`` unless ``overwrite=Tr
 after step 2 when ``top_vectors=0``); ``U`` (``n x p``) and a float64 ``n x p`` temporary while
 normalising; the ``p x p`` eigenvectors ``S`` of ``T`` (plus, for ``stedc``, a ``p^2``
 workspace freed when it returns); ``(p + 2 n) c`` per GEMM chunk; ``n p`` more for
-``return_alignments``. With ``K = p^2`` if the working copy is kept for ``top_vectors`` (else
-0), the peak is ``b max(2 p^2 + n p + K, p^2 + n p + (p + 2 n) c + K) + 8 n p`` for
-``stedc`` (plus ``b n p`` for ``return_alignments`` in the second term), and
-``b (p^2 + n p + (p + 2 n) c + K) + 8 n p`` for ``stemr`` (``b p^2`` more with two threads
-and no ``top_vectors``: ``S`` is made beside ``ormtr`` while the copy exists); the input ``H``
-is the caller's. ``torch.linalg.eigh`` with vectors allocates the ``p x p`` output and a
-``syevd`` workspace of about ``2 p^2`` beside the input.
+``return_alignments``. With ``K = p^2`` while the working copy exists during step 3 (it does
+with ``top_vectors`` or two or more threads, unless ``overwrite=True``; else ``K = 0``) and
+``s = 2`` for ``stedc`` (1 for ``stemr``), the peak is about ``b max(s p^2 + n p + K,
+p^2 + n p + (p + 2 n) c + [n p with return_alignments]) + 8 n p``; the input ``H`` is the
+caller's (so ``overwrite=True`` with ``stedc`` needs ``2 b p^2`` beside it, as ``eigh``
+does). ``torch.linalg.eigh`` with vectors allocates the ``p x p`` output and a ``syevd``
+workspace of about ``2 p^2`` beside the input.
 
 LAPACK is scipy's (``scipy.linalg.lapack`` for ``sytrd``; ``ormtr``, ``stedc`` and ``stemr``
 through the function pointers that ``scipy.linalg.cython_lapack`` exports, called with
@@ -53,6 +53,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -320,7 +321,8 @@ def alignment_spectrum(
             one below ``p = 2048``); the GEMMs use torch's threads.
         symmetry_rtol: allowed ``max |H - H^T| / max |H|``.
         solver: eigenpairs of ``T``: ``"stedc"`` (divide and conquer, faster, ``p^2`` more
-            workspace) or ``"stemr"`` (MRRR, runs beside ``ormtr`` with two or more threads).
+            workspace) or ``"stemr"`` (MRRR, slower, less memory). With two or more threads
+            either runs beside ``ormtr``.
 
     Returns:
         :class:`AlignmentSpectrum` (eigenvalues descending, in float64).
@@ -377,14 +379,16 @@ def alignment_spectrum(
                  raw=True)
         secs["sytrd"] = time.perf_counter() - t
 
-        # 3. All eigenpairs of T in one call: stedc (divide and conquer, after step 2, with the
-        # BLAS threads) or MRRR (range "A": dqds eigenvalues; separate index-range calls can
-        # return one vector twice across a split cluster), which with two or more threads runs
-        # beside step 2 (stemr is sequential; ctypes releases the GIL).
+        # 3. All eigenpairs of T in one call: stedc (divide and conquer) or MRRR (range "A":
+        # dqds eigenvalues; separate index-range calls can return one vector twice across a
+        # split cluster). With two or more threads it runs beside step 2 (ctypes releases the
+        # GIL; ormtr gets one thread fewer): on a loaded machine two single-threaded calls
+        # side by side beat two multi-threaded ones in a row (bench/results/gmeasure_p4000*).
         t = time.perf_counter()
-        overlap = threads > 1 and solver == "stemr"
+        solve = partial(_stedc, d, e) if solver == "stedc" else partial(_stemr, d, e, 1, p)
+        overlap = threads > 1
         pool = ThreadPoolExecutor(1) if overlap else None
-        future = pool.submit(_stemr, d, e, 1, p) if pool is not None else None
+        future = pool.submit(solve) if pool is not None else None
 
         # 2. U = Ghat Q: rows of unit gradients (zero rows stay zero), Q^T applied in place.
         t2 = time.perf_counter()
@@ -400,11 +404,9 @@ def alignment_spectrum(
             w, S, fell_back = future.result()
             pool.shutdown()
         else:
-            if solver == "stedc":  # after ormtr: stedc's merges use the BLAS threads
-                t = time.perf_counter()
-            w, S, fell_back = _stedc(d, e) if solver == "stedc" else _stemr(d, e, 1, p)
+            w, S, fell_back = solve()
         del d, e
-        secs[solver] = time.perf_counter() - t  # stemr overlaps ormtr when threads > 1
+        secs[solver] = time.perf_counter() - t  # overlapping ormtr when threads > 1
         vectors = None
         if top_vectors:  # v_j = Q s_j for the top k only
             V = S[:, ::-1][:, :top_vectors].copy(order="F")  # (1, 1): no negative stride
@@ -433,12 +435,13 @@ def alignment_spectrum(
     secs["total"] = time.perf_counter() - t0
     own = not (overwrite and H.dtype == dtype and H.is_contiguous())
     chunk = min(chunk, p)
-    copy = p * p if own and top_vectors else 0  # the working matrix, kept for the top vectors
-    gemm = p * p + n * p + (p + 2 * n) * chunk + (n * p if return_alignments else 0) + copy
-    if solver == "stedc":  # Z and stedc's p^2 workspace beside U (and the kept copy)
-        peak = max(gemm, 2 * p * p + n * p + copy)
-    else:  # with threads > 1 stemr's S is made while the copy still exists
-        peak = gemm + (p * p if own and threads > 1 and not top_vectors else 0)
+    # entries alive in each stage (module docstring): solving T (S, stedc's workspace, U and
+    # the working copy while it lives), the top vectors (S, U, copy, V), the GEMMs
+    copy = p * p if own and (top_vectors or threads > 1) else 0
+    solving = (2 if solver == "stedc" else 1) * p * p + n * p + copy
+    vecs = p * p + n * p + (p * p + p * top_vectors if top_vectors else 0) * own
+    gemm = p * p + n * p + (p + 2 * n) * chunk + (n * p if return_alignments else 0)
+    peak = max(solving, vecs, gemm)
     peak = nbytes * peak + 8 * n * p
     return AlignmentSpectrum(
         eigenvalues=evals, max_abs=max_abs, mean_abs=mean_abs, num_samples=n,
