@@ -42,7 +42,7 @@ The HVP operator is whatever hbkernels.HessianOperator does in the tree ("auto" 
 The machine is shared: timings are noisy. Usage:
   python bench/bench_lanczos.py [--quick]
   python bench/bench_lanczos.py --overhead [--overhead-threads 1 2] [--lenet-n 256] [--ks 10 25]
-      [--models mlp lenet]
+      [--models mlp lenet] [--hvp-dtypes float32 float64]
 """
 
 from __future__ import annotations
@@ -290,6 +290,8 @@ def overhead_rows(args) -> list[dict]:
             # float32 HVPs (half the Gram-Schmidt traffic; the HVPs bound the accuracy anyway)
             for hvp_dtype, basis in ((torch.float32, torch.float64), (torch.float32, torch.float32),
                                      (torch.float64, torch.float64)):
+                if str(hvp_dtype).replace("torch.", "") not in args.hvp_dtypes:
+                    continue
                 for k in args.ks:
                     t0 = time.perf_counter()
                     r = hbk.hessian_eigs(model, F.cross_entropy, data, k=k, tol=1e-6, seed=0,
@@ -351,6 +353,8 @@ def main() -> None:
     ap.add_argument("--overhead-threads", type=int, nargs="+", default=[1])
     ap.add_argument("--lenet-n", type=int, default=256)
     ap.add_argument("--ks", type=int, nargs="+", default=[10, 25])
+    ap.add_argument("--hvp-dtypes", nargs="+", choices=["float32", "float64"],
+                    default=["float32", "float64"])
     ap.add_argument("--models", nargs="+", choices=["mlp", "lenet"], default=["mlp", "lenet"])
     args = ap.parse_args()
     if args.overhead:
