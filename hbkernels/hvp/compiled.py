@@ -7,11 +7,12 @@ new input shape (a short last batch) compiles once more. The first product of ea
 ``(block size, batch shapes)`` pays the compilation; :attr:`CompiledHVP.compile_seconds`
 reports those first products' wall time (compilation included).
 
-Measured on CPU (1 thread, shared 2-core machine; ``bench/results/bench_speed.md``):
-LeNet-5 (n = 128) compiles in 147 s for a product of 0.118 s vs 0.146 s eager
-forward-over-reverse and 0.074 s double backward; a top-10 solve needs ~100 products, so
-compiling never pays back within a solve here and the ``auto`` rule never picks this method
-(``method="compiled"`` asks for it explicitly).
+Measured on CPU (1 thread, shared 2-core machine at load 8-11; ``bench/bench_speed.py
+--compiled``, ``bench/results/bench_speed.md``): on LeNet-5 (n = 128) compiling took 147 s for a
+product of 0.118 s (eager forward-over-reverse 0.146 s; the auto method is faster still); on
+the transformer encoder (p = 2,996, n = 256) 237 s for a product of 0.10 s, 3x slower than
+double backward's 0.034 s. A 30-HVP solve costs 240 s compiled against 1 s with the auto
+method, so the ``auto`` rule never picks this method (``method="compiled"`` asks for it).
 """
 
 from __future__ import annotations
