@@ -294,3 +294,16 @@ def test_analyze_uses_the_tridiagonal_route_with_the_same_answer():
     torch.testing.assert_close(fast.spectrum.eigenvectors * sign, spec.eigenvectors[:, :5],
                                rtol=0, atol=1e-9)
     torch.testing.assert_close(fast.alignments * sign, slow.alignments, rtol=0, atol=1e-9)
+
+
+def test_peak_bytes_follows_the_documented_formula():
+    """Module docstring: b max(s p^2 + n p + K, p^2 + n p + (p + 2 n) c [+ n p]) + 8 n p."""
+    p, n, c = 50, 7, 16
+    H, G = _sym(p, 8), _grads(n, p, 9)
+    for solver, s in (("stedc", 2), ("stemr", 1)):
+        for kw, K, extra in (({}, 0, 0), ({"top_vectors": 2}, p * p, 0),
+                             ({"return_alignments": True}, 0, n * p)):
+            r = alignment_spectrum(H, G, chunk=c, solver=solver, **kw)
+            want = 8 * max(s * p * p + n * p + K, p * p + n * p + (p + 2 * n) * c + extra,
+                           p * p + n * p + K + p * kw.get("top_vectors", 0) * (K > 0))
+            assert r.peak_bytes == want + 8 * n * p, (solver, kw)
