@@ -1323,8 +1323,9 @@ def analyze(
             :class:`~hbkernels.boundary.appendix.GradientCoherence`): the mean cosine between the
             predicted-label training gradients of each pair of true classes, from the Gram
             taken in the same per-sample pass. None (default): on when
-            ``n <= COHERENCE_MAX_POINTS`` (4096) and not distributed (the Gram costs little
-            next to the pass; a shard has no cross-rank terms).
+            ``n <= COHERENCE_MAX_POINTS`` (4096), ``y`` holds integer class labels and the run
+            is not distributed (the Gram costs little next to the pass; a shard has no
+            cross-rank terms).
         margin: also :func:`~hbkernels.boundary.margin.estimate_margin` with the top
             eigenvector (a dict gives its options, e.g. ``{"steps": 500}``).
         distributed: shard the data over the torch.distributed ranks (None: when a process
@@ -1358,8 +1359,10 @@ def analyze(
     _rank, world = _world()
     if distributed is None:
         distributed = world > 1
-    if coherence is None:
-        coherence = not distributed and train_data[0].shape[0] <= COHERENCE_MAX_POINTS
+    if coherence is None:  # class labels only: a float target (soft labels) has no classes
+        y0 = train_data[1]
+        coherence = (not distributed and train_data[0].shape[0] <= COHERENCE_MAX_POINTS
+                     and y0.dim() == 1 and not y0.is_floating_point())
     elif not isinstance(coherence, bool):
         raise TypeError(f"{fn}: expected coherence to be True, False or None, got {coherence!r}")
     elif coherence and distributed:
