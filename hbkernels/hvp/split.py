@@ -21,11 +21,15 @@ any p x p temporary. :func:`split_plan` says whether the route applies (samples 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.func import jacrev, vmap
+from torch.overrides import TorchFunctionMode
 
 from ..data import Batch
 from ..objective import Objective
@@ -57,6 +61,52 @@ class SplitPlan:
     def __post_init__(self) -> None:
         if self.rows is None:
             self.rows = {t: [] for t in self.cover}
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _gemm_conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    """``F.conv2d`` as one GEMM over unfolded patches (same function; ``groups=1``)."""
+    n, _, H, W = x.shape
+    cout, _, kh, kw = w.shape
+    st, pd, dl = _pair(stride), _pair(padding), _pair(dilation)
+    ho = (H + 2 * pd[0] - dl[0] * (kh - 1) - 1) // st[0] + 1
+    wo = (W + 2 * pd[1] - dl[1] * (kw - 1) - 1) // st[1] + 1
+    U = F.unfold(x, (kh, kw), dl, pd, st)  # (n, K, L)
+    K, L = U.shape[1], U.shape[2]
+    out = U.transpose(1, 2).reshape(n * L, K) @ w.reshape(cout, K).t()
+    if b is not None:
+        out = out + b
+    return out.view(n, L, cout).transpose(1, 2).reshape(n, cout, ho, wo)
+
+
+class _GemmConv(TorchFunctionMode):
+    """Route ``conv2d`` (4-D input, ``groups=1``, numeric padding) through :func:`_gemm_conv2d`:
+    CPU float64 convolutions and their double backward otherwise take ATen's slow path
+    (``_slow_conv2d_*``, no MKL-DNN); as GEMMs the residual products cost about half."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (F.conv2d, torch.conv2d):
+            names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+            a = dict(zip(names, args), **kwargs)
+            if (a.get("groups", 1) == 1 and not isinstance(a.get("padding", 0), str)
+                    and a["input"].dim() == 4):
+                return _gemm_conv2d(a["input"], a["weight"], a.get("bias"), a.get("stride", 1),
+                                    a.get("padding", 0), a.get("dilation", 1))
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def gemm_convolutions(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
+    """:class:`_GemmConv` for float64 on CPU (where it pays), else nothing."""
+    if dtype == torch.float64 and device.type == "cpu":
+        with _GemmConv():
+            yield
+    else:
+        yield
 
 
 def _inputs(batch: Batch) -> tuple[torch.Tensor, ...] | None:
@@ -123,7 +173,7 @@ class _Residual:
         self.obj = obj
         self.params = [t.detach().requires_grad_(True) for t in obj.params.values()]
         pd = dict(zip(obj.names, self.params))
-        with torch.enable_grad(), math_attention():
+        with torch.enable_grad(), math_attention(), gemm_convolutions(obj.dtype, obj.device):
             out, targets = obj.outputs(pd, batch)
             o = out.detach().requires_grad_(True)
             r = torch.autograd.grad(obj.loss(o, targets) * obj.weight(targets), o)[0]
@@ -141,14 +191,17 @@ class _Residual:
                 rows: list[int] | None = None) -> list[torch.Tensor | None]:
         """``R[rows, tensor t] V`` per parameter tensor (all tensors when ``rows`` is None) for
         ``V`` of shape ``(b, *shape_t)``; None where not computed or an exact zero block."""
-        b = V.shape[0]
         rows = list(range(len(self.params))) if rows is None else rows
         if not rows:
             return [None] * len(self.params)
+        # One backward per direction: batched double backward (is_grads_batched) is slower per
+        # vector on CPU here, and its vmap cannot run the GEMM convolutions' col2im.
+        inputs = [self.params[s] for s in rows]
         with torch.enable_grad(), math_attention():
-            res = torch.autograd.grad(self.grads[t], [self.params[s] for s in rows],
-                                      grad_outputs=V[0] if b == 1 else V, retain_graph=True,
-                                      allow_unused=True, is_grads_batched=b > 1)
+            each = [torch.autograd.grad(self.grads[t], inputs, grad_outputs=v, retain_graph=True,
+                                        allow_unused=True) for v in V]
+        res = [None if each[0][i] is None else torch.stack([e[i] for e in each])
+               for i in range(len(rows))]
         out: list[torch.Tensor | None] = [None] * len(self.params)
         for s, r in zip(rows, res):
             out[s] = r
