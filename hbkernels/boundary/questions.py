@@ -748,7 +748,8 @@ def _large_norm_reading(rows: Sequence[dict], widths: Sequence[int], epochs: Seq
 
     e0 = epochs[0]
     base = f"w{w_base}/e{e0}/x1.0"
-    lines = [f"Budget setting {say(base)}."]
+    label = "Budget setting" if w_base == 50 else "Baseline"
+    lines = [f"{label} {say(base)}."]
     effects = {}
     for w in widths:  # the width, at the budget schedule
         k = f"w{w}/e{e0}/x1.0"
@@ -768,17 +769,23 @@ def _large_norm_reading(rows: Sequence[dict], widths: Sequence[int], epochs: Seq
             effects[f"norm x{f}"] = (gap[k], gap[k0])
     helps = [c for c, (g, g0) in effects.items() if g is not None and g0 is not None and g > g0]
     flips = [c for c, (g, g0) in effects.items() if g is not None and g > 0 >= (g0 or 0)]
+    g_base = gap.get(base)
     lines.append(("Against its one-change baseline, G_max(LN) - G_max(normal) rises with "
                   + ", ".join(helps) if helps else
                   "No single change raises G_max(LN) - G_max(normal) over its baseline")
-                 + ("; it changes sign with " + ", ".join(flips) + "." if flips else
+                 + ("; it turns positive (large norm above normal) with " + ", ".join(flips)
+                    + "." if flips else
+                    "; large norm is already above normal on average in the baseline."
+                    if g_base is not None and g_base > 0 else
                     "; none makes large norm rank above normal on average."))
+    unfit = [k.replace("/", " ") for k, a in acc.items() if a is not None and a < 0.98]
     lines.append("Mean train accuracy: normal " + ", ".join(
         f"w{w} {_fmt(a)}" for w, a in normal_acc.items()) + "; large norm " + ", ".join(
         f"{k.replace('/', ' ')} {_fmt(a)}" for k, a in acc.items())
-        + (". A large-norm model that does not fit its training set is not at a minimum "
-           "like the normal one, so its G is compared across unlike points." if any(
-               a is not None and a < 0.99 for a in acc.values()) else "."))
+        + (". Variants below 98 % train accuracy (" + ", ".join(unfit) + ") do not fit "
+           "their training set: they are not at a minimum like the normal one, so their G is "
+           "compared across unlike points." if unfit else
+           " (every large-norm variant fits its training set)."))
     ncol = sum(bool(r["collapsed"]) for r in rows)
     lines.append(f"Collapsed Hessians: {ncol} of {len(rows)} analyses"
                  + (" (those runs have no G and cannot be above normal)." if ncol else
