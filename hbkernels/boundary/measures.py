@@ -895,9 +895,13 @@ class Spectrum(JsonResult):
         eigenvectors: ``(p, m)`` columns in ``model.parameters()`` order, or None.
         num_params: ``p``.
         exact: True for the full dense spectrum.
-        method: ``"exact"`` or ``"lanczos"``.
+        method: ``"exact"``, ``"exact-range"`` (through the range of a low-rank Hessian,
+            :mod:`hbkernels.rangespace`) or ``"lanczos"``.
         seconds: wall time.
         trace: ``sum(eigenvalues)`` when exact, else a Hutch++ estimate.
+        rank: ``"exact-range"``: the rank ``r`` (the other ``p - r`` eigenvalues are 0).
+        null_alignment_max: ``"exact-range"``: the largest ``|cos|`` of a training gradient
+            with any vector of the null space (G is exact when it is below eps).
     """
 
     eigenvalues: torch.Tensor
@@ -908,6 +912,8 @@ class Spectrum(JsonResult):
     seconds: float
     trace: float | None = None
     converged: list[bool] | None = None
+    rank: int | None = None
+    null_alignment_max: float | None = None
 
     @property
     def lambda_max(self) -> float:
@@ -923,7 +929,8 @@ class Spectrum(JsonResult):
         return {"num_params": self.num_params, "exact": self.exact, "method": self.method,
                 "seconds": self.seconds, "trace": self.trace, "lambda_max": self.lambda_max,
                 "num_eigenvalues": int(self.eigenvalues.numel()),
-                "top_eigenvalues": self.eigenvalues[:25], "converged": self.converged}
+                "top_eigenvalues": self.eigenvalues[:25], "converged": self.converged,
+                "rank": self.rank, "null_alignment_max": self.null_alignment_max}
 
 
 def _data_as(data: tuple[torch.Tensor, torch.Tensor], model: nn.Module):
@@ -1027,8 +1034,13 @@ def compute_spectrum(
 
 def _tridiagonal_spectrum(m: nn.Module, loss: str | Callable, data: tuple[torch.Tensor, torch.Tensor],
                           loss_name: str | Callable, *, keep: int, max_exact_params: int | None,
-                          memory_budget: int | None, quiet: bool):
+                          memory_budget: int | None, quiet: bool, route: str = "auto"):
     """The exact path of :func:`analyze` without the ``p x p`` eigenvectors (issue 11 item 4).
+
+    ``route="auto"`` first tries the range of the Hessian (:func:`hbkernels.rangespace.range_spectrum`,
+    rank <= p / 3: the paper's MLPs have rank ~1,700 of 10,703), then tridiagonalisation;
+    ``"tridiag"`` goes straight to tridiagonalisation. Returns ``(spectrum, alignments,
+    null_alignment)`` with ``null_alignment`` ``(n,)`` on the range route (else None).
 
     All eigenvalues, the top-``keep`` eigenvectors and the ``(n, p)`` training alignments with
     every eigenvector from :func:`hbkernels.tridiag.alignment_spectrum` (sytrd + ormtr on the
@@ -1050,13 +1062,23 @@ def _tridiagonal_spectrum(m: nn.Module, loss: str | Callable, data: tuple[torch.
         kw["memory_budget"] = int(memory_budget)
     H = hbk.exact_hessian(m, loss_fn_for(loss), (X, y), dtype=dt, **kw)
     G = hbk.per_sample_grads(m, X, labels="pred", loss=loss_name)
+    if route == "auto":
+        from ..rangespace import range_spectrum
+
+        low = range_spectrum(H, G, top_vectors=min(keep, p), block=512)
+        if low is not None:  # analyze checks null_alignment against eps
+            del H, G
+            spec = Spectrum(low.eigenvalues, low.vectors.to(dt), p, True, "exact-range",
+                            time.perf_counter() - t0, trace=float(low.eigenvalues.sum()),
+                            rank=low.rank, null_alignment_max=low.null_alignment_max)
+            return spec, low.alignments, low.null_alignment
     res = alignment_spectrum(H, G, return_alignments=True, top_vectors=min(keep, p), overwrite=True)
     del H, G
     if not torch.isfinite(res.eigenvalues).all():
         raise ValueError("hbk.boundary.compute_spectrum: expected finite eigenvalues, got NaN/inf")
     spec = Spectrum(res.eigenvalues, res.vectors.to(dt), p, True, "exact",
                     time.perf_counter() - t0, trace=float(res.eigenvalues.sum()))
-    return spec, res.alignments
+    return spec, res.alignments, None
 
 
 # ----------------------------------------------------------------------------- full analysis
@@ -1419,6 +1441,19 @@ def analyze(
         tol = roundoff_tolerance(norms, dtype, factor=roundoff_factor)
         mask = norms.double() > tol
     eps = _threshold(a_rand, num_directions, eps_seed, keep=mask, tol=tol)
+    if tri is not None and tri[2] is not None:
+        null = tri[2] if mask is None else tri[2][mask]
+        if null.numel() and float(null.max()) >= eps.eps:
+            # the null space's basis would decide which of its eigenvectors count in G
+            _log.warning("a training gradient has |cos| %.3g >= eps %.3g with the Hessian's "
+                         "%d-dimensional null space: recomputing by tridiagonalisation",
+                         float(null.max()), eps.eps, spectrum.num_params - spectrum.rank)
+            tri = _tridiagonal_spectrum(m, loss, (X, y), loss_name, keep=keep,
+                                        max_exact_params=max_exact_params,
+                                        memory_budget=memory_budget, quiet=quiet, route="tridiag")
+            spectrum = tri[0]
+            a_all = tri[1]
+            secs["spectrum_tridiag"] = spectrum.seconds
     coh = None
     if coherence:
         from .appendix import coherence_from_gram
