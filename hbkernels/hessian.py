@@ -12,7 +12,8 @@ Layout of the core (each module one job; the core never imports :mod:`hbkernels.
 * this module -- :class:`HessianOperator` and :class:`GGNOperator` (an ``Objective`` plus one
   ``hvp`` strategy, on the base), :func:`eigs` / :func:`hessian_eigs` / :func:`ggn_eigs`,
   :func:`exact_hessian` / :func:`exact_ggn` (memory-budgeted assembly from block products,
-  the lower triangle only where the method exploits symmetry), :func:`hessian_spectrum`;
+  the lower triangle only where the method exploits symmetry; for the Hessian by default
+  ``J^T D J`` plus the residual's cover columns, :mod:`hbkernels.hvp.split`), :func:`hessian_spectrum`;
 * :mod:`hbkernels.estimators` -- trace and density on any operator (re-exported here).
 
 Every operator is the curvature of the objective with respect to the selected parameters, in
