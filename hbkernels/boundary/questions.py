@@ -24,6 +24,7 @@ answer computed from the numbers. ``hbk reproduce questions`` runs them all and 
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -449,49 +450,7 @@ def margin_reliability(root: str | Path = "results/reproduce", *,
                                  "grid margin": truth[(setup, seed)],
                                  "rel. error": float(mar[k]) / truth[(setup, seed)] - 1
                                  if truth[(setup, seed)] > 0 else None})
-    grid = []
-    for st in steps:
-        for r in restarts:
-            right = sum(est[("wide-margin", s, st, r)] > est[("normal", s, st, r)] for s in seeds)
-            errs = [abs(est[(su, s, st, r)] / truth[(su, s)] - 1) for su in ("normal", "wide-margin")
-                    for s in seeds if truth[(su, s)] > 0]
-            grid.append({"steps": st, "restarts": r, "order right": f"{right}/{len(seeds)}",
-                         "normal": _pm([est[("normal", s, st, r)] for s in seeds], 3),
-                         "wide margin": _pm([est[("wide-margin", s, st, r)] for s in seeds], 3),
-                         "median |rel. error|": float(np.median(errs)) if errs else None,
-                         "_right": right})
-    truth_right = sum(truth[("wide-margin", s)] > truth[("normal", s)] for s in seeds)
-    above = sum(r["estimate"] >= r["grid margin"] for r in rows)
-    summary = {"truth_order_right": truth_right, "num_seeds": len(seeds),
-               "estimates_above_truth": above, "num_estimates": len(rows),
-               "truth_normal": _mean_std([truth[("normal", s)] for s in seeds]),
-               "truth_wide": _mean_std([truth[("wide-margin", s)] for s in seeds]),
-               "order_right": {f"{g['steps']}x{g['restarts']}": g["_right"] for g in grid},
-               "median_rel_error": {f"{g['steps']}x{g['restarts']}": g["median |rel. error|"]
-                                    for g in grid}}
-    for g in grid:
-        g.pop("_right")
-    best = max(summary["order_right"].items(), key=lambda kv: (kv[1], kv[0]))
-    all_right = [k for k, v in summary["order_right"].items() if v == len(seeds)]
-    errs = summary["median_rel_error"]
-    tn, tw = summary["truth_normal"], summary["truth_wide"]
-    answer = (
-        f"Ground truth (grid margin): normal {tn[0]:.3f} ± {tn[1]:.2g}, wide margin "
-        f"{tw[0]:.3f} ± {tw[1]:.2g}; the wide-margin model is wider in {truth_right}/"
-        f"{len(seeds)} seeds. The estimate orders them right in "
-        + ", ".join(f"{v}/{len(seeds)} ({k.replace('x', ' steps x ')} restarts)"
-                    for k, v in summary["order_right"].items())
-        + ". " + (f"Every seed is right with {', '.join(all_right)} (steps x restarts). "
-                  if all_right else f"No setting gets every seed right (best {best[0]}). ")
-        + f"The median relative error against the grid margin ranges over "
-        f"{min(v for v in errs.values() if v is not None):.2f}-"
-        f"{max(v for v in errs.values() if v is not None):.2f} across the settings, and "
-        f"{above}/{len(rows)} estimates are at or above the grid margin: the estimate is the "
-        "distance from one optimised boundary point to the nearer of the two most aligned "
-        "training points, which is at least that point's distance to the boundary (so an "
-        "upper bound on the margin when the optimised point lies on the boundary); it ranks "
-        "two models only when their margins differ by more than its spread over seeds."
-    )
+    grid, summary, answer = _margin_reading(rows, seeds, restarts, steps)
     return QuestionResult(
         name="margin", title="How reliable is the margin estimate?",
         question="estimate_margin (top-eigenvector boundary search) per seed for the "
@@ -504,6 +463,64 @@ def margin_reliability(root: str | Path = "results/reproduce", *,
                                    "width": settings.width_for("checkerboard-linear"),
                                    "profile": settings.profile},
         seconds=time.perf_counter() - t0)
+
+
+def _margin_reading(rows: Sequence[dict], seeds: Sequence[int], restarts: Sequence[int],
+                    steps: Sequence[int]) -> tuple[list, dict, str]:
+    """The table, summary and answer of :func:`margin_reliability` from its per-seed rows."""
+    est = {(r["setup"], r["seed"], r["steps"], r["restarts"]): r["estimate"] for r in rows}
+    truth = {(r["setup"], r["seed"]): r["grid margin"] for r in rows}
+    n = len(seeds)
+    grid, right_of = [], {}
+    for st in steps:
+        for r in restarts:
+            right = sum(est[("wide-margin", s, st, r)] > est[("normal", s, st, r)] for s in seeds)
+            right_of[(st, r)] = right
+            errs = [abs(est[(su, s, st, r)] / truth[(su, s)] - 1) for su in ("normal", "wide-margin")
+                    for s in seeds if truth[(su, s)] > 0]
+            grid.append({"steps": st, "restarts": r, "order right": f"{right}/{n}",
+                         "normal": _pm([est[("normal", s, st, r)] for s in seeds], 3),
+                         "wide margin": _pm([est[("wide-margin", s, st, r)] for s in seeds], 3),
+                         "median |rel. error|": float(np.median(errs)) if errs else None})
+    truth_right = sum(truth[("wide-margin", s)] > truth[("normal", s)] for s in seeds)
+    above = sum(r["estimate"] >= r["grid margin"] for r in rows)
+    errs = {f"{g['steps']}x{g['restarts']}": g["median |rel. error|"] for g in grid}
+    tn = _mean_std([truth[("normal", s)] for s in seeds])
+    tw = _mean_std([truth[("wide-margin", s)] for s in seeds])
+    total = sum(right_of.values())
+    by_r = {r: sum(right_of[(st, r)] for st in steps) for r in restarts}
+    by_st = {st: sum(right_of[(st, r)] for r in restarts) for st in steps}
+    summary = {"truth_order_right": truth_right, "num_seeds": n, "estimates_above_truth": above,
+               "num_estimates": len(rows), "truth_normal": tn, "truth_wide": tw,
+               "order_right": {f"{st}x{r}": v for (st, r), v in right_of.items()},
+               "order_right_by_restarts": by_r, "order_right_by_steps": by_st,
+               "median_rel_error": errs}
+    mono_r = all(by_r[a] <= by_r[b] for a, b in itertools.pairwise(restarts))
+    mono_s = all(by_st[a] <= by_st[b] for a, b in itertools.pairwise(steps))
+    ev = [v for v in errs.values() if v is not None]
+    answer = (
+        f"Ground truth (grid margin): normal {tn[0]:.3f} ± {tn[1]:.2g}, wide margin "
+        f"{tw[0]:.3f} ± {tw[1]:.2g}; the wide-margin model is wider in {truth_right}/{n} seeds. "
+        f"The estimate orders the two right in {total} of {len(right_of) * n} (setting, seed) "
+        f"pairs: by restarts " + ", ".join(f"{r}: {v}/{len(steps) * n}" for r, v in by_r.items())
+        + "; by steps " + ", ".join(f"{st}: {v}/{len(restarts) * n}" for st, v in by_st.items())
+        + ". " + ("More restarts do not help monotonically" if not mono_r else
+                  "More restarts help monotonically")
+        + (" and neither do more steps" if not mono_s else ", and more steps help")
+        + f"; per setting the count ranges {min(right_of.values())}-{max(right_of.values())}/"
+        f"{n}" + (f" and only {full} of {len(right_of)} settings are right in every seed"
+                  if (full := sum(v == n for v in right_of.values())) else
+                  ", and no setting is right in every seed")
+        + ". The median relative error "
+        f"against the grid margin is {min(ev):.2f}-{max(ev):.2f} across the settings, and "
+        f"{above}/{len(rows)} estimates are at or above the grid margin: the estimate is the "
+        "distance from one optimised boundary point to the nearer of the two most aligned "
+        "training points, which is at least that point's distance to the boundary (so an "
+        "upper bound on the margin when the optimised point lies on the boundary). It ranks "
+        "two models only when their margins differ by more than its spread over seeds; the "
+        "grid margin is the measurement to use on 2-D data."
+    )
+    return grid, summary, answer
 
 
 # ----------------------------------------------------------------------------- question 3
@@ -755,7 +772,7 @@ def _large_norm_reading(rows: Sequence[dict], widths: Sequence[int], epochs: Seq
         k = f"w{w}/e{e0}/x1.0"
         if w != w_base and k in gap:
             lines.append(f"Width: {say(k)}.")
-            effects["width"] = (gap[k], gap[base])
+            effects[f"width {w}"] = (gap[k], gap[base])
     for w in widths:  # the schedule, at each width
         for e in epochs[1:]:
             k, k0 = f"w{w}/e{e}/x1.0", f"w{w}/e{e0}/x1.0"
