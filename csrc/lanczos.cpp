@@ -187,7 +187,6 @@ class ThickRestartLanczos {
     Wbuf_ = at::empty({b_, dim_}, opts);
     eta_ = o.reorth_twice ? 2.0 : M_SQRT1_2;
     eps_ = machine_eps(s.scalar_type());
-    skip_tol_ = 1e-2 * std::sqrt(eps_);
     T_.assign(static_cast<size_t>(rows_ * rows_), 0.0);
     // The start block, orthonormalised (random replacements for dependent columns).
     at::Tensor W = at::empty({b_, dim_}, opts);
@@ -385,9 +384,7 @@ class ThickRestartLanczos {
       std::copy(hh.begin(), hh.end(), h.begin() + l0 * bb);
     }
     std::vector<double> after;
-    if (eta_ < 1.0) {
-      measured_pass(W, r0 + bb, h, after);
-    } else {
+    {
       auto hh = to_host(cgs2(W, Q_.narrow(0, 0, r0 + bb), eta_, &passes_, &after));
       for (size_t i = 0; i < hh.size(); ++i) h[i] += hh[i];
     }
@@ -427,55 +424,6 @@ class ThickRestartLanczos {
         if (na_ + r < rows_) T(na_ + r, na_ - bb + c) = coupling_[r * bb + c];
       }
     orth_seconds_ += seconds_between(t0, Clock::now()) - (matvec_seconds_ - mv_before);
-  }
-
-  // Selective mode's full pass against the first r rows of the basis, after the local terms
-  // were removed: one GEMV measures the coefficients h = Q W^T; the correction W -= h^T Q
-  // (a second read of the basis) runs only when some |h_i| exceeds min(skip_tol_ |w|,
-  // 1e-3 tol |theta_1|) (the basis then stays orthogonal to skip_tol_ and T exact to far
-  // below the convergence test), and a second
-  // pass only when the correction cancels, |w'| < |w| / sqrt(2) (DGKS). Coefficients of a
-  // skipped correction stay in W and out of T, so A V = V T + W e^T holds as computed.
-  // Adds the removed coefficients to h ((r, bb) row-major) and sets the final row norms.
-  void measured_pass(at::Tensor& W, int64_t r, std::vector<double>& h,
-                     std::vector<double>& after) {
-    const int64_t bb = W.size(0);
-    at::Tensor B = Q_.narrow(0, 0, r);
-    std::vector<double> before =
-        to_host(at::linalg_vector_norm(W, 2, {1}, false, at::kDouble));
-    at::Tensor hd = at::mm(B, W.t());
-    std::vector<double> hh = to_host(hd);
-    bool need = false;
-    for (int64_t c = 0; c < bb && !need; ++c) {
-      // Relative to |w| (orthogonality) and absolute (the skipped components perturb T by
-      // about |h|, which must stay far below the convergence test's tol |theta_1|;
-      // theta_1 is 0, so nothing is skipped, before the first projected solve).
-      const double lim = std::min(skip_tol_ * before[c], 1e-3 * opts_.tol * theta1_);
-      for (int64_t i = 0; i < r; ++i)
-        if (!(std::abs(hh[i * bb + c]) <= lim)) {  // NaN corrects (and fails later)
-          need = true;
-          break;
-        }
-    }
-    if (!need) {
-      ++skipped_;
-      after = std::move(before);
-      return;
-    }
-    W.addmm_(hd.t(), B, 1.0, -1.0);
-    ++passes_;
-    for (size_t i = 0; i < hh.size(); ++i) h[i] += hh[i];
-    after = to_host(at::linalg_vector_norm(W, 2, {1}, false, at::kDouble));
-    bool again = false;
-    for (int64_t c = 0; c < bb; ++c)
-      if (!(after[c] >= eta_ * before[c])) again = true;
-    if (!again) return;
-    at::Tensor h2 = at::mm(B, W.t());
-    W.addmm_(h2.t(), B, 1.0, -1.0);
-    ++passes_;
-    auto h2h = to_host(h2);
-    for (size_t i = 0; i < h2h.size(); ++i) h[i] += h2h[i];
-    after = to_host(at::linalg_vector_norm(W, 2, {1}, false, at::kDouble));
   }
 
   // Eigen-decomposition of the active T; Lanczos residual estimates of every Ritz pair.
@@ -759,7 +707,6 @@ class ThickRestartLanczos {
     out.num_matvecs = num_mv_;
     out.num_restarts = restarts_;
     out.reorth_passes = passes_;
-    out.skipped_corrections = skipped_;
     out.matvec_seconds = matvec_seconds_;
     out.verify_status = status_;
     out.num_probes = num_probes_;
@@ -777,8 +724,8 @@ class ThickRestartLanczos {
   RandomVectors rng_;
   int64_t dim_ = 0, b_ = 1, rows_ = 0;
   at::Tensor Q_, P_, Wbuf_, Rbuf_;
-  double eps_ = 0, anorm_ = 0, eta_ = 2.0, skip_tol_ = 0;
-  int64_t passes_ = 0, skipped_ = 0;
+  double eps_ = 0, anorm_ = 0, eta_ = 2.0;
+  int64_t passes_ = 0;
   std::vector<double> T_;                    // rows_ x rows_, active block at the top left
   std::vector<double> coupling_;             // coupling_rows_ x coupling_cols_
   int64_t coupling_rows_ = 0, coupling_cols_ = 0, last_block_ = 0;

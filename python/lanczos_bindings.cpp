@@ -89,7 +89,6 @@ py::dict lanczos(const py::object& matvec, const at::Tensor& start, int64_t k,
   d["num_matvecs"] = out.num_matvecs;
   d["num_restarts"] = out.num_restarts;
   d["reorth_passes"] = out.reorth_passes;
-  d["skipped_corrections"] = out.skipped_corrections;
   d["matvec_seconds"] = out.matvec_seconds;
   d["total_seconds"] = out.total_seconds;
   d["verify_status"] = static_cast<int>(out.verify_status);

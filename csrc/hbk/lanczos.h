@@ -53,11 +53,8 @@ struct LanczosOptions {
   uint64_t seed = 0;         // random vectors used when the Krylov space is exhausted
   // Gram-Schmidt against the basis: two full passes always (true), or (false) the local
   // recurrence terms first (a GEMM with the current and previous block, or with all kept
-  // Ritz vectors after a restart), then one GEMV measuring the coefficients against the whole
-  // basis; the correction (a second read of the basis) runs only when some coefficient
-  // exceeds min(0.01 sqrt(eps) |w|, 1e-3 tol |theta_1|) (0.01 sqrt(eps) = 1.5e-10 in float64),
-  // and a second pass only when the
-  // correction cancels, |w'| < |w| / sqrt(2) (DGKS criterion).
+  // Ritz vectors after a restart), then one full pass, and a second one only when the full
+  // pass cancels, |w'| < |w| / sqrt(2) (DGKS criterion).
   bool reorth_twice = false;
   // After all wanted pairs converged, lock them and probe the deflated operator from a fresh
   // random block (orthogonal to the locked vectors) for pairs more wanted than the k-th:
@@ -80,8 +77,7 @@ struct LanczosOutput {
   at::Tensor converged;      // (k,) bool host
   int64_t num_matvecs = 0;   // single-vector products, including any residual recomputation
   int64_t num_restarts = 0;
-  int64_t reorth_passes = 0;  // Gram-Schmidt corrections against the basis (0-2 per call)
-  int64_t skipped_corrections = 0;  // selective mode: calls whose full pass needed none
+  int64_t reorth_passes = 0;  // Gram-Schmidt passes against the basis (one or two per call)
   double matvec_seconds = 0;  // time inside the operator
   double total_seconds = 0;
   VerifyStatus verify_status = VerifyStatus::kNotConverged;
@@ -110,8 +106,7 @@ struct LanczosOutput {
 ///   probe repeats. See LanczosOptions::verify for the probe's length.
 ///   Full reorthogonalisation: every new block is orthogonalised against the whole basis
 ///   (locked vectors included) by classical Gram-Schmidt as GEMMs, twice (reorth_twice) or
-///   after the local recurrence terms with the correction and a second pass only when
-///   needed (see LanczosOptions::reorth_twice).
+///   after the local recurrence terms with a second pass only when needed (reorth_twice).
 /// Args:
 ///   op: the operator (see BlockMatvec).
 ///   start: (dim, b) or (dim,) start block, float32/float64, any device; fixes the basis
