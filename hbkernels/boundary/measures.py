@@ -1037,8 +1037,9 @@ def _tridiagonal_spectrum(m: nn.Module, loss: str | Callable, data: tuple[torch.
                           memory_budget: int | None, quiet: bool, route: str = "auto"):
     """The exact path of :func:`analyze` without the ``p x p`` eigenvectors (issue 11 item 4).
 
-    ``route="auto"`` first tries the range of the Hessian (:func:`hbkernels.rangespace.range_spectrum`,
-    rank <= p / 3: the paper's MLPs have rank ~1,700 of 10,703), then tridiagonalisation;
+    ``route="auto"`` first tries the range of the Hessian from block products
+    (:func:`hbkernels.rangespace.range_spectrum`, rank <= p / 3; tried only when ``n C <= p / 4``:
+    the reference MLPs have rank 700-1,300 of 10,703), then tridiagonalisation;
     ``"tridiag"`` goes straight to tridiagonalisation. Returns ``(spectrum, alignments,
     null_alignment)`` with ``null_alignment`` ``(n,)`` on the range route (else None).
 
@@ -1060,18 +1061,21 @@ def _tridiagonal_spectrum(m: nn.Module, loss: str | Callable, data: tuple[torch.
     kw: dict[str, Any] = {"quiet": quiet}
     if memory_budget is not None:
         kw["memory_budget"] = int(memory_budget)
-    H = hbk.exact_hessian(m, loss_fn_for(loss), (X, y), dtype=dt, **kw)
     G = hbk.per_sample_grads(m, X, labels="pred", loss=loss_name)
-    if route == "auto":
+    C = int(y.max()) + 1 if y.numel() and not y.is_floating_point() else 1
+    # the Gauss-Newton part alone may have rank n (C - 1): try the range only where it is small
+    if route == "auto" and n * C <= p // 4:
         from ..rangespace import range_spectrum
 
-        low = range_spectrum(H, G, top_vectors=min(keep, p), block=512)
+        op = hbk.HessianOperator(m, loss_fn_for(loss), (X, y))
+        low = range_spectrum(op, G, top_vectors=min(keep, p), block=256)
         if low is not None:  # analyze checks null_alignment against eps
-            del H, G
+            del G
             spec = Spectrum(low.eigenvalues, low.vectors.to(dt), p, True, "exact-range",
                             time.perf_counter() - t0, trace=float(low.eigenvalues.sum()),
                             rank=low.rank, null_alignment_max=low.null_alignment_max)
             return spec, low.alignments, low.null_alignment
+    H = hbk.exact_hessian(m, loss_fn_for(loss), (X, y), dtype=dt, **kw)
     res = alignment_spectrum(H, G, return_alignments=True, top_vectors=min(keep, p), overwrite=True)
     del H, G
     if not torch.isfinite(res.eigenvalues).all():
