@@ -123,8 +123,8 @@ def choose_block_size(t_single: float, t_block: float, b: int = AUTO_BLOCK) -> i
 
 def _auto_block_size(matvec: Callable, dim: int, dtype: torch.dtype,
                      device: torch.device) -> tuple[int, dict]:
-    """``block_size="auto"``: 1 on CPU without any trial (on every model measured there a
-    block product costs 1.06-2.3x a single product per vector, bench/results/bench_speed.md);
+    """``block_size="auto"``: 1 on CPU without any trial (per vector, a block product costs
+    0.93-2.1x a single product on every model measured there, bench/results/bench_speed.md);
     elsewhere one single and one ``AUTO_BLOCK`` product, timed (synchronised), decide."""
     b = min(AUTO_BLOCK, dim)
     if device.type == "cpu" or b < 2:
@@ -249,9 +249,10 @@ def lanczos(
         dtype: basis dtype, float32 or float64.
         device: basis device (default: v0's device, else CPU).
         block_size: vectors per ``matvec`` call, ``1 <= block_size <= dim``; > 1 runs block
-            Lanczos with ``(dim, b)`` blocks. ``"auto"``: 1 on CPU, with no trial (a block
-            product costs 1.06-2.3x a single product per vector on the MLP, LeNet-5, the
-            MNIST CNN and the transformer there); on other devices one single and one
+            Lanczos with ``(dim, b)`` blocks. ``"auto"``: 1 on CPU, with no trial (per vector,
+            a block of 8 costs 1.0-1.1x a single product on the paper MLP, 1.6-1.9x on the
+            transformer, 2.1x on the MNIST CNN and 0.93x on LeNet-5 there, never the 0.7x
+            that the extra products of block Lanczos need); on other devices one single and one
             4-vector product are timed (6 products, not counted in ``num_matvecs``, recorded
             in ``profile``) and 4 is used when the block's per-vector time is below 0.7x.
         quiet: no progress bar when True.
