@@ -261,9 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run Table 1 (five 2-D datasets x normal / adversarial / large norm, plus "
                     "the checkerboard's wide margin and margin estimates), Table 2 (Iris and "
                     "the digit subsets), the figures or the open fidelity questions. Per-run results are cached in --out: "
-                    "a rerun skips finished runs.")
+                    "a rerun skips finished runs. 'doc' writes --dest (docs/reproduction.md) from "
+                    "the table results in --out (the paper beside ours, cell by cell).")
     parser.set_defaults(_reproduce_parser=p)
-    p.add_argument("what", choices=("table1", "table2", "figures", "questions"))
+    p.add_argument("what", choices=("table1", "table2", "figures", "questions", "doc"))
     _common(p, "results/reproduce")
     p.add_argument("--only", nargs="+", default=None, metavar="NAME",
                    choices=("alpha", "margin", "precision", "large_norm", "bulk"),
@@ -277,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the reference epochs (hours)")
     p.add_argument("--margin-steps", type=_positive_int, default=None,
                    help="margin search steps (default 5000; reference 20000)")
+    p.add_argument("--dest", default="docs/reproduction.md",
+                   help="doc: the document to write (readings.md and questions/ beside it are "
+                        "included)")
     _settings_args(p)
     return parser
 
@@ -740,6 +744,12 @@ def _cmd_reproduce(args) -> int:
     datasets = args.datasets
     check_writable("hbk reproduce --out", args.out)
     t0 = time.perf_counter()
+    if args.what == "doc":
+        from .boundary.reproduction import write_reproduction
+
+        check_writable("hbk reproduce --dest", Path(args.dest).parent)
+        _say(args, f"wrote {write_reproduction(args.out, args.dest)}")
+        return 0
     if args.what == "table1":
         payload = E.table1(args.out, datasets=datasets or E.TABLE1_DATASETS, seeds=seeds,
                            settings=settings, quiet=args.quiet)

@@ -93,3 +93,13 @@ def test_timings_readings_and_questions_are_included(store, tmp_path):
 def test_missing_results_are_named(tmp_path):
     with pytest.raises(ValueError, match="hbk.boundary.reproduction: expected .*table1/results.json"):
         R.reproduction_markdown(tmp_path)
+
+
+def test_the_cli_writes_the_document(store, tmp_path, capsys):
+    from hbkernels import cli
+
+    dest = tmp_path / "docs" / "reproduction.md"
+    assert cli.main(["reproduce", "doc", "--out", str(store), "--dest", str(dest)]) == 0
+    assert "| gauss | normal |" in dest.read_text()
+    assert cli.main(["reproduce", "doc", "--out", str(tmp_path / "none"), "--dest", str(dest)]) == 1
+    assert "hbk reproduce table1/table2 first" in capsys.readouterr().err
