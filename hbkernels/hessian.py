@@ -23,6 +23,7 @@ Every operator is the curvature of the objective with respect to the selected pa
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -335,14 +336,27 @@ def _assemble(fn: str, op: CurvatureOperator, memory_budget: int | None, quiet: 
     M = torch.empty(p, p, dtype=op.dtype, device=op.device)
     try:
         if plan is not None:
-            _assemble_split(op, M, plan, memory_budget - need, elem, act, quiet, chunk_size, fn)
-            _symmetrize_(M)
-            return M
+            try:
+                _assemble_split(op, M, plan, memory_budget - need, elem, act, quiet, chunk_size, fn)
+                _symmetrize_(M)
+                return M
+            except _split_pattern_error():
+                if assembly == "split":
+                    raise
+                # auto: the first batch's zero pattern did not hold on a later one
+                logging.getLogger("hbkernels").info(
+                    "%s: split assembly refused on a later batch; assembling by columns", fn)
         _assemble_columns(fn, op, M, memory_budget - need, elem, act, quiet, chunk_size)
     finally:
         op.release()
     (_mirror_lower_ if op.exploits_symmetry else _symmetrize_)(M)
     return M
+
+
+def _split_pattern_error() -> type[Exception]:
+    from .hvp.split import SplitPatternError
+
+    return SplitPatternError
 
 
 def _split_plan(fn: str, op: CurvatureOperator, assembly: str, room: int, elem: int, act: int):

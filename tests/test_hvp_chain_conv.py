@@ -247,3 +247,18 @@ def test_float64_patch_cache_budget(monkeypatch, budget) -> None:
     assert_close_scaled(op @ V, H @ V, rtol=1e-12)
     cached = [c["st"][k][1] is not None for c in op.strategy._cache for k in (0, 3)]
     assert (not any(cached)) if budget == 0 else (any(cached) and not all(cached))
+
+
+@pytest.mark.parametrize("name", ["lenet_like"])
+def test_exact_hessian_auto_survives_a_zero_pattern_that_changes_between_batches(name):
+    """The split assembly probes R's zero blocks on the first batch; when a later batch breaks
+    that pattern, ``assembly='auto'`` assembles by columns (``'split'`` refuses)."""
+    model, X, y = make_model(name), inputs(), targets("ce")
+    data = data_for(X, y, "several")
+    H = hbk.exact_hessian(model, "ce", data, chunk_size=50)
+    ref = reference(name, "ce", "mean")
+    assert float((H - ref).abs().max() / ref.abs().max()) < 1e-12
+    from hbkernels.hvp.split import SplitPatternError
+
+    with pytest.raises(SplitPatternError, match="on a later batch"):
+        hbk.exact_hessian(model, "ce", data, chunk_size=50, assembly="split")

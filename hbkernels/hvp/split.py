@@ -38,6 +38,10 @@ from .base import math_attention, output_hessian
 __all__ = ["SplitPlan", "split_hessian", "split_plan"]
 
 
+class SplitPatternError(RuntimeError):
+    """A later batch has a nonzero residual block the first batch's probe called zero."""
+
+
 @dataclass
 class SplitPlan:
     """What :func:`split_hessian` will do.
@@ -366,4 +370,4 @@ def _check_outside(obj: Objective, res: _Residual, cover: set[int],
 
                 fail(obj.fn, "a residual whose zero blocks are the same on every batch",
                      f"a nonzero block between {obj.names[s]} and {obj.names[t]} on a later "
-                     "batch; pass assembly='columns'", RuntimeError, raw=True)
+                     "batch; pass assembly='columns'", SplitPatternError, raw=True)
