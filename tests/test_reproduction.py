@@ -82,12 +82,14 @@ def test_timings_readings_and_questions_are_included(store, tmp_path):
     (docs / "questions").mkdir(parents=True)
     (docs / "readings.md").write_text("Our reading.\n")
     (docs / "questions" / "alpha.md").write_text("### alpha\n\n![fig](alpha.png) [x](https://a.b)\n")
+    (docs / "questions" / "report.md").write_text("ALL QUESTIONS AGAIN\n")
     dest = R.write_reproduction(store, docs / "reproduction.md")
     md = dest.read_text()
     assert "| table1 training | 60.0 min | 100.0 min |" in md
     assert md.count("table1 training") == 1
     assert "Our reading." in md
     assert "![fig](questions/alpha.png)" in md and "(https://a.b)" in md
+    assert "ALL QUESTIONS AGAIN" not in md
 
 
 def test_missing_results_are_named(tmp_path):

@@ -229,7 +229,8 @@ def reproduction_markdown(out: str | Path, dest_dir: str | Path | None = None) -
         if qdir.is_dir():
             md.append("## The open questions\n")
             for q in sorted(qdir.glob("*.md")):
-                md.append(_rebase(q))
+                if q.name != "report.md":  # hbk reproduce questions' own page of all of them
+                    md.append(_rebase(q))
     return "\n".join(md)
 
 
