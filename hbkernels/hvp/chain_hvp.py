@@ -38,6 +38,22 @@ def chain_unfit_reason(obj, chain: LinearChain, batch: Batch) -> str | None:
     return None
 
 
+def prepared_batches(method):
+    """The per-batch quantities ``method._prepare(batch)`` for every batch, kept in
+    ``method._cache`` for in-memory data (re-read from a loader otherwise)."""
+    if method._cache is not None:
+        yield from method._cache
+        return
+    keep = [] if method.obj.data.in_memory else None
+    for batch in method.obj.batches():
+        c = method._prepare(batch)
+        if keep is not None:
+            keep.append(c)
+        yield c
+    if keep is not None:
+        method._cache = keep
+
+
 class ChainProducts(HVPMethod):
     """Hessian (or, with ``ggn``, Gauss-Newton) products of a Linear/activation chain."""
 
@@ -79,17 +95,7 @@ class ChainProducts(HVPMethod):
 
     # ------------------------------------------------------------------ per-batch quantities
     def _prepared(self):
-        if self._cache is not None:
-            yield from self._cache
-            return
-        keep = [] if self.obj.data.in_memory else None
-        for batch in self.obj.batches():
-            c = self._prepare(batch)
-            if keep is not None:
-                keep.append(c)
-            yield c
-        if keep is not None:
-            self._cache = keep
+        return prepared_batches(self)
 
     def _prepare(self, batch: Batch) -> dict[str, Any]:
         reason = chain_unfit_reason(self.obj, self.chain, batch)

@@ -45,6 +45,7 @@ from ..checks import fail
 from ..data import Batch
 from .base import HVPMethod, output_hessian
 from .chain import activation_derivatives
+from .chain_hvp import prepared_batches
 from .conv_chain import _ACTS, ConvChain
 
 __all__ = ["ConvChainProducts", "conv_chain_unfit_reason"]
@@ -375,17 +376,7 @@ class ConvChainProducts(HVPMethod):
 
     # ------------------------------------------------------------------ per-batch quantities
     def _prepared(self):
-        if self._cache is not None:
-            yield from self._cache
-            return
-        keep = [] if self.obj.data.in_memory else None
-        for batch in self.obj.batches():
-            c = self._prepare(batch)
-            if keep is not None:
-                keep.append(c)
-            yield c
-        if keep is not None:
-            self._cache = keep
+        return prepared_batches(self)
 
     def _prepare(self, batch: Batch) -> dict[str, Any]:
         reason = conv_chain_unfit_reason(self.obj, self.chain, batch)
