@@ -7,6 +7,7 @@ import json
 import pytest
 
 from hbkernels.boundary import experiments as E
+from hbkernels.boundary import measures as M
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -178,3 +179,19 @@ def test_names_and_data_are_checked_before_any_work(tmp_path, monkeypatch):
     blocker.write_text("")
     with pytest.raises(OSError, match="expected a writable"):
         E.run_grid(["gauss"], ["normal"], [0], s, blocker, quiet=True)
+
+
+def test_an_older_run_without_the_tensor_norm_sum_gets_it_from_its_cached_model(tmp_path):
+    settings = E.Settings(**TINY)
+    rows, models = E.run_grid(["gauss"], ["normal"], [0], settings, tmp_path, quiet=True)
+    want = M.parameter_norm_sum(models["gauss--normal--seed0"].model)
+    assert rows[0]["param_norm_sum"] == pytest.approx(want)
+    store = E.RunStore(tmp_path)
+    name = "gauss--normal--seed0"
+    old = {k: v for k, v in rows[0].items() if k != "param_norm_sum"}  # as stored by hbk <= 0.2
+    store.save(name, old, store.arrays(name))
+    again, _ = E.run_grid(["gauss"], ["normal"], [0], settings, tmp_path, quiet=True)
+    assert again[0]["param_norm_sum"] == pytest.approx(want)
+    assert again[0]["G"] == rows[0]["G"]  # not re-analysed
+    assert E.RunStore(tmp_path).load(name, E.RunStore.key("gauss", "normal", 0, settings))[
+        "param_norm_sum"] == pytest.approx(want)

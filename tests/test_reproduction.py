@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from hbkernels.boundary import experiments as E
 from hbkernels.boundary import reproduction as R
@@ -12,7 +13,8 @@ from hbkernels.boundary import reproduction as R
 
 def _row(dataset, setup, seed, G, trace, lam, norm):
     return {"dataset": dataset, "setup": setup, "seed": seed, "G": G, "G_mean": G / 2,
-            "trace": trace, "lambda_max": lam, "param_norm": norm, "train_acc": 1.0,
+            "trace": trace, "lambda_max": lam, "param_norm": norm / 2,
+            "param_norm_sum": norm, "train_acc": 1.0,
             "test_acc": 0.9, "eps": 0.1, "num_outliers": 3, "collapsed": False,
             "analysis_seconds": 2.0}
 
@@ -105,3 +107,16 @@ def test_the_cli_writes_the_document(store, tmp_path, capsys):
     assert "| gauss | normal |" in dest.read_text()
     assert cli.main(["reproduce", "doc", "--out", str(tmp_path / "none"), "--dest", str(dest)]) == 1
     assert "hbk reproduce table1/table2 first" in capsys.readouterr().err
+
+
+def test_parameter_norm_sum_is_the_sum_of_the_tensor_norms():
+    from torch import nn
+
+    from hbkernels.boundary.measures import parameter_norm, parameter_norm_sum
+
+    m = nn.Linear(3, 2)
+    with torch.no_grad():
+        m.weight.fill_(1.0)  # norm sqrt(6)
+        m.bias.copy_(torch.tensor([3.0, 4.0]))  # norm 5
+    assert parameter_norm_sum(m) == pytest.approx(6 ** 0.5 + 5)
+    assert parameter_norm(m) == pytest.approx((6 + 25) ** 0.5)

@@ -354,6 +354,7 @@ def analyze_result(res: TrainResult, ds: Dataset, settings: Settings, *, quiet: 
         "G_mean": d["G_mean"]["G"] if d["G_mean"] else None,
         "G_lower_bound": d["G_lower_bound"], "eps": d["eps"], "trace": d["trace"],
         "lambda_max": d["lambda_max"], "param_norm": d["param_norm"],
+        "param_norm_sum": M.parameter_norm_sum(res.model),
         "train_acc": res.train_acc, "test_acc": res.test_acc, "train_loss": res.train_loss,
         "num_outliers": d["num_outliers"], "collapsed": d["collapsed"],
         "collapse_reason": d["collapse_reason"], "num_params": d["num_params"],
@@ -415,16 +416,21 @@ def run_grid(
             hit = store.load(names[s], keys[s])
             if hit is not None and (not want_margin or hit.get("margin") is not None):
                 rows[names[s]] = hit
-                if want_margin and hit.get("grid_margin") is None:
-                    upgrade.append(s)  # an older run without the ground-truth margin
+                if ((want_margin and hit.get("grid_margin") is None)
+                        or hit.get("param_norm_sum") is None):
+                    upgrade.append(s)  # an older run: fill in from its cached model
                 bar.update(1)
             else:
                 todo.append(s)
         if upgrade:
             ds = load_dataset(dataset)
             for s, res in zip(upgrade, _train(dataset, setup, upgrade, settings, out, quiet=True)):
-                rows[names[s]]["grid_margin"] = _grid_margin(res.model, ds)
-                store.save(names[s], rows[names[s]], store.arrays(names[s]))
+                row = rows[names[s]]
+                if want_margin and row.get("grid_margin") is None:
+                    row["grid_margin"] = _grid_margin(res.model, ds)
+                if row.get("param_norm_sum") is None:
+                    row["param_norm_sum"] = M.parameter_norm_sum(res.model)
+                store.save(names[s], row, store.arrays(names[s]))
         if not todo:
             continue
         bar.set_postfix_str(f"{dataset} {setup} training")
@@ -487,8 +493,8 @@ def _grid_margin(model: nn.Module, ds: Dataset) -> float:
 
 
 # ----------------------------------------------------------------------------- summaries
-_METRICS = ("G", "G_mean", "trace", "lambda_max", "param_norm", "train_acc", "test_acc", "eps",
-            "num_outliers", "margin", "grid_margin")
+_METRICS = ("G", "G_mean", "trace", "lambda_max", "param_norm", "param_norm_sum", "train_acc",
+            "test_acc", "eps", "num_outliers", "margin", "grid_margin")
 
 
 def _stats(vals: list) -> dict:
@@ -529,7 +535,7 @@ def ordering_checks(rows: Sequence[dict], summary: dict) -> dict:
             if other == "normal":
                 continue
             c: dict[str, Any] = {}
-            for m in ("G", "G_mean", "trace", "lambda_max", "param_norm"):
+            for m in ("G", "G_mean", "trace", "lambda_max", "param_norm", "param_norm_sum"):
                 a, b = per["normal"][m]["mean"], per[other][m]["mean"]
                 pairs = [(by[(dataset, "normal", s)].get(m), by[(dataset, other, s)].get(m))
                          for s in per["normal"]["seeds"] if (dataset, other, s) in by]

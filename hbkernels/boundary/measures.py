@@ -157,6 +157,17 @@ def parameter_norm(model: nn.Module) -> float:
     return float(flatten_params(model).double().norm())
 
 
+def parameter_norm_sum(model: nn.Module) -> float:
+    """The sum of the L2 norms of the parameter tensors, ``sum_l ||theta_l||``.
+
+    The paper's Tables 1 and 2 report this as ``||theta||``: on the reference-scale runs it
+    matches them to 1-2 % (gauss normal 19.35 vs 19.60, adversarial 105.1 vs 105.0), while the
+    global L2 norm (:func:`parameter_norm`) is half of it.
+    """
+    with torch.no_grad():
+        return float(sum(p.detach().double().norm() for p in model.parameters() if p.requires_grad))
+
+
 @torch.no_grad()
 def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
     """Predicted classes ``argmax f(x)`` for ``inputs`` ``(n, ...)``; returns ``(n,)`` int64."""
