@@ -181,9 +181,9 @@ def _timing_md(out: Path, payloads: Mapping[str, dict]) -> str:
     for name, pl in payloads.items():
         runs = pl.get("runs", [])
         ana = sum(r.get("analysis_seconds") or 0 for r in runs)
-        lines.append(f"| {name}: `hbk reproduce` call (analysis of {len(runs)} runs; cached "
-                     f"models loaded) | {pl.get('wall_seconds', 0) / 60:.1f} min | "
-                     f"(analysis alone {ana / 60:.1f} min) |")
+        lines.append(f"| {name}: the last `hbk reproduce` call ({len(runs)} runs; those already in "
+                     f"the store are loaded, not recomputed) | {pl.get('wall_seconds', 0) / 60:.1f} "
+                     f"min | sum of the per-run analysis times: {ana / 60:.1f} min |")
     return "\n".join(lines) + "\n"
 
 
