@@ -56,12 +56,16 @@ HESSIAN_METHODS = ("auto", "double_backward", "reverse_over_reverse", "forward_o
 GGN_METHODS = ("auto", "jvp_vjp", "linear_chain", "conv_chain")
 
 
-def _chain_for(obj):
-    """The model's chain if its closed forms can serve the objective's data, else None."""
-    chain = find_chain(obj.model, obj.fn)
-    if chain is None or chain_unfit_reason(obj, chain, obj.data.first()) is not None:
+def _fitting(obj, find, unfit_reason):
+    """The model's chain (``find``) if its closed forms can serve the objective's data, else None."""
+    chain = find(obj.model, obj.fn)
+    if chain is None or unfit_reason(obj, chain, obj.data.first()) is not None:
         return None
     return chain
+
+
+def _chain_for(obj):
+    return _fitting(obj, find_chain, chain_unfit_reason)
 
 
 def _no_chain(fn: str, obj) -> None:
@@ -74,11 +78,7 @@ def _no_chain(fn: str, obj) -> None:
 
 
 def _conv_chain_for(obj):
-    """The model's conv chain if its closed forms can serve the objective's data, else None."""
-    chain = find_conv_chain(obj.model, obj.fn)
-    if chain is None or conv_chain_unfit_reason(obj, chain, obj.data.first()) is not None:
-        return None
-    return chain
+    return _fitting(obj, find_conv_chain, conv_chain_unfit_reason)
 
 
 def _no_conv_chain(fn: str, obj) -> None:

@@ -97,14 +97,16 @@ def find_chain(model: nn.Module, fn: str = "hbk.HessianOperator") -> LinearChain
         spec = _from_sequential(model)
     else:
         spec = None
-    if spec is None:
-        return None
-    owned = {id(p) for lin in spec.layers for p in lin.parameters()}
+    return spec if spec is not None and chain_covers_model(model, spec.layers) else None
+
+
+def chain_covers_model(model: nn.Module, layers) -> bool:
+    """Whether a chain of ``layers`` computes all of ``model``: it owns every parameter, and the
+    model has no buffers and no forward hooks (which a closed form would skip)."""
+    owned = {id(p) for layer in layers for p in layer.parameters()}
     if owned != {id(p) for p in model.parameters()} or list(model.buffers()):
-        return None
-    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
-        return None
-    return spec
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def activation_derivatives(name: str, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

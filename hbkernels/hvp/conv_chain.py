@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..checks import fail
+from .chain import chain_covers_model
 
 __all__ = ["CONV_CHAIN_LAYERS", "ConvChain", "conv_chain_refusal", "find_conv_chain"]
 
@@ -121,11 +122,4 @@ def find_conv_chain(model: nn.Module, fn: str = "hbk.HessianOperator") -> ConvCh
         spec = ConvChain(tuple(model))
     else:
         spec = None
-    if spec is None:
-        return None
-    owned = {id(p) for m in spec.layers for p in m.parameters()}
-    if owned != {id(p) for p in model.parameters()} or list(model.buffers()):
-        return None
-    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
-        return None
-    return spec
+    return spec if spec is not None and chain_covers_model(model, spec.layers) else None
