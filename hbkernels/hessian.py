@@ -39,6 +39,8 @@ from .lanczos import LanczosResult, lanczos
 from .objective import Objective
 from .operators import LinearOperator, MatrixOperator
 
+_log = logging.getLogger("hbkernels")
+
 __all__ = [
     "CurvatureOperator",
     "GGNOperator",
@@ -335,28 +337,15 @@ def _assemble(fn: str, op: CurvatureOperator, memory_budget: int | None, quiet: 
         plan = _split_plan(fn, op, assembly, memory_budget - need, elem, act)
     M = torch.empty(p, p, dtype=op.dtype, device=op.device)
     try:
-        if plan is not None:
-            try:
-                _assemble_split(op, M, plan, memory_budget - need, elem, act, quiet, chunk_size, fn)
-                _symmetrize_(M)
-                return M
-            except _split_pattern_error():
-                if assembly == "split":
-                    raise
-                # auto: the first batch's zero pattern did not hold on a later one
-                logging.getLogger("hbkernels").info(
-                    "%s: split assembly refused on a later batch; assembling by columns", fn)
+        if plan is not None and _assemble_split(op, M, plan, memory_budget - need, elem, act,
+                                                quiet, chunk_size, fn, assembly):
+            _symmetrize_(M)
+            return M
         _assemble_columns(fn, op, M, memory_budget - need, elem, act, quiet, chunk_size)
     finally:
         op.release()
     (_mirror_lower_ if op.exploits_symmetry else _symmetrize_)(M)
     return M
-
-
-def _split_pattern_error() -> type[Exception]:
-    from .hvp.split import SplitPatternError
-
-    return SplitPatternError
 
 
 def _split_plan(fn: str, op: CurvatureOperator, assembly: str, room: int, elem: int, act: int):
@@ -380,8 +369,10 @@ def _split_plan(fn: str, op: CurvatureOperator, assembly: str, room: int, elem: 
 
 
 def _assemble_split(op: CurvatureOperator, M: torch.Tensor, plan, room: int, elem: int,
-                    act: int, quiet: bool, chunk_size: int | None, fn: str) -> None:
-    from .hvp.split import split_hessian
+                    act: int, quiet: bool, chunk_size: int | None, fn: str, assembly: str) -> bool:
+    """Fill ``M`` by the split route; False (``assembly="auto"``) when a later batch breaks the
+    first batch's zero pattern of the residual, so the caller assembles by columns."""
+    from .hvp.split import SplitPatternError, split_hessian
 
     obj = op.objective
     n = max(1, max(int(b.targets.shape[0]) for b in obj.batches()))
@@ -400,10 +391,16 @@ def _assemble_split(op: CurvatureOperator, M: torch.Tensor, plan, room: int, ele
         col_chunk = int(max(1, min(obj.dim, 512, left // max(1, 4 * elem * n * C))))
         split_hessian(obj, M, plan, chunk, sample_chunk, col_chunk,
                       None if bar is None else bar.update)
+    except SplitPatternError:
+        if assembly == "split":
+            raise
+        _log.info("%s: split assembly refused on a later batch; assembling by columns", fn)
+        return False
     finally:
         if bar is not None:
             bar.close()
     op.num_matvecs += plan.columns
+    return True
 
 
 def _assemble_columns(fn: str, op: CurvatureOperator, M: torch.Tensor, room: int, elem: int,
