@@ -17,8 +17,8 @@ reference Table 1 nets. Then, from block products alone (``H`` is never formed):
 3. ``M = Q^T H Q`` (``r x r``) has the nonzero eigenpairs (``eigh``); the other ``p - r``
    eigenvalues are 0 (to within ``residual``). ``M`` comes from the products already made:
    ``Q^T Y = M Q^T Omega`` on the range, solved by least squares over all blocks (the check
-   block included, so the ``r x B`` sketch has ``B >= r + check`` columns); if that ``M`` is not
-   symmetric to 1e-9 it is recomputed from ``r`` more products;
+   block included, so the ``r x B`` sketch has ``B >= r + check`` columns); for float32
+   products, or if that ``M`` is not symmetric to 1e-9, it comes from ``r`` more products;
 4. the cosines of the unit training gradients with the range eigenvectors are ``Ghat Q S``.
 
 The null space (eigenvalue 0, multiplicity ``p - r``) has no preferred basis: ``eigh`` of ``H``
@@ -128,14 +128,15 @@ def _range_basis(A, p: int, dtype: torch.dtype, block: int, rtol: float, max_ran
 def _projected_matrix(A, Q: torch.Tensor, omegas: list, ys: list) -> torch.Tensor:
     """``M = Q^T H Q`` from the sketch: ``H = Q M Q^T`` on the range gives ``Q^T Y = M Q^T Omega``,
     solved by least squares (``Q^T Omega``, ``r x B`` with ``B >= r + check``, is a well-conditioned
-    Gaussian sketch); if the solution is not symmetric to 1e-9 (a poorly conditioned sketch),
-    ``M`` comes from ``r`` more products instead."""
-    Om, Y = torch.cat(omegas, dim=1), torch.cat(ys, dim=1)
-    QO, QY = Q.T.double() @ Om.double(), Q.T.double() @ Y.double()
-    M = torch.linalg.lstsq(QO.T, QY.T).solution.T
-    asym = float((M - M.T).norm()) / max(float(M.norm()), 1e-300)
-    if asym > 1e-9 or Q.dtype != torch.float64:
-        M = Q.T.double() @ _apply(A, Q).double()
+    Gaussian sketch) for float64 products; for float32 ones, or if the solution is not
+    symmetric to 1e-9 (a poorly conditioned sketch), ``M`` comes from ``r`` more products."""
+    if Q.dtype == torch.float64:
+        Om, Y = torch.cat(omegas, dim=1), torch.cat(ys, dim=1)
+        M = torch.linalg.lstsq((Q.T @ Om).T, (Q.T @ Y).T).solution.T
+        if float((M - M.T).norm()) <= 1e-9 * max(float(M.norm()), 1e-300):
+            return (M + M.T) / 2
+    # float32 products (the sketch's conditioning would cost too many digits) or a poor sketch
+    M = Q.T.double() @ _apply(A, Q).double()
     return (M + M.T) / 2
 
 

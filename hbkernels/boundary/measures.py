@@ -1079,8 +1079,9 @@ def _tridiagonal_spectrum(m: nn.Module, loss: str | Callable, data: tuple[torch.
     # MLP chain (measured: reference Table 1 nets, rank 700-1,300 of 10,703, 4-6x faster than
     # tridiagonalisation), with the Gauss-Newton rank n (C - 1) well below p. On the digits
     # CNNs a 256-column conv block product costs more than the split assembly of all of H.
-    op = hbk.HessianOperator(m, loss_fn_for(loss), (X, y)) if route == "auto" else None
-    if op is not None and op.method == "linear_chain" and n * C <= p // 4:
+    op = (hbk.HessianOperator(m, loss_fn_for(loss), (X, y))
+          if route == "auto" and n * C <= p // 4 else None)
+    if op is not None and op.method == "linear_chain":
         from ..rangespace import range_spectrum
 
         low = range_spectrum(op, G, top_vectors=min(keep, p), block=256)
