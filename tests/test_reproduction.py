@@ -50,7 +50,7 @@ def test_cells_show_ours_beside_the_paper(store):
 
 def test_orderings_count_seeds_and_compare_with_the_paper(store):
     pl = json.loads((store / "table1" / "results.json").read_text())
-    items = {it["metric"]: it for it in R.orderings(pl["runs"], pl["summary"], E.PAPER_TABLE1)}
+    items = {it["metric"]: it for it in R.orderings(pl["checks"], E.PAPER_TABLE1)}
     g = items["G"]
     assert (g["paper_normal_lower"], g["ours_normal_lower"], g["seeds"], g["pairs"]) == (True, True, 1, 2)
     assert g["agrees"] is True

@@ -98,34 +98,32 @@ def cells_markdown(summary: Mapping, paper: Mapping) -> str:
     return "\n".join(lines) + "\n"
 
 
-def orderings(rows: list[dict], summary: Mapping, paper: Mapping) -> list[dict]:
+def orderings(checks: Mapping, paper: Mapping) -> list[dict]:
     """Every pairwise ordering of the paper's table (normal vs each other setup), per metric.
+
+    Args:
+        checks: the ``checks`` of a ``results.json`` (:func:`~hbkernels.boundary.experiments.
+            ordering_checks`: per dataset and other setup, per metric, the means, whether the
+            normal one is lower and in how many seeds).
+        paper: the paper's table (``PAPER_TABLE1`` / ``PAPER_TABLE2``).
 
     Returns:
         One dict per (dataset, other setup, metric): ``paper_normal_lower`` (None without a
         paper value), ``ours_normal_lower`` (by the means), ``seeds`` (seeds where the normal
         run is lower than the other run of the same seed) of ``pairs``, and ``agrees``.
     """
-    by = {(r["dataset"], r["setup"], r["seed"]): r for r in rows}
     out = []
-    for dataset, per in summary.items():
-        if "normal" not in per:
-            continue
+    for dataset, per in checks.items():
         pk = _paper_key(dataset, paper)
         pp = paper.get(pk, {}) if pk else {}
-        for other in per:
-            if other == "normal":
-                continue
+        for other, c in per.items():
             for key, label, i in METRICS:
-                a, b = (per["normal"].get(key) or {}).get("mean"), (per[other].get(key) or {}).get("mean")
-                pairs = [(by[(dataset, "normal", s)].get(key), by[(dataset, other, s)].get(key))
-                         for s in per["normal"]["seeds"] if (dataset, other, s) in by]
-                pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+                mc = c.get(key) or {}  # a results.json older than the metric has none
                 p_lower = (pp["normal"][i] < pp[other][i]) if "normal" in pp and other in pp else None
-                o_lower = None if a is None or b is None else a < b
+                o_lower = mc.get("normal_lower")
                 out.append({"dataset": dataset, "other": other, "metric": key, "label": label,
                             "paper_normal_lower": p_lower, "ours_normal_lower": o_lower,
-                            "seeds": sum(x < y for x, y in pairs), "pairs": len(pairs),
+                            "seeds": mc.get("seeds_normal_lower", 0), "pairs": mc.get("pairs", 0),
                             "agrees": None if p_lower is None or o_lower is None
                             else p_lower == o_lower})
     return out
@@ -213,7 +211,7 @@ def reproduction_markdown(out: str | Path, dest_dir: str | Path | None = None) -
               "subsets (8x8 scikit-learn digits stand in for the MNIST subsets: offline)"}
     for name, pl in payloads.items():
         paper = PAPER_TABLE1 if name == "table1" else PAPER_TABLE2
-        items = orderings(pl["runs"], pl["summary"], paper)
+        items = orderings(pl["checks"], paper)
         st = pl.get("settings", {})
         md += [f"## {titles[name]}\n",
                (f"Profile **{st.get('profile', '?')}**, seeds {pl.get('seeds')}, rule "
