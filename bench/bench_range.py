@@ -73,7 +73,7 @@ def main() -> None:
     keep = M.roundoff_mask(norms, torch.float64)
     rand = M.random_directions(p, 5, 42, dtype=torch.float64)
     Gu = G / norms.clamp_min(1e-300)[:, None]
-    eps = float((Gu[keep] @ rand).abs().amax(0).mean())
+    eps = float(M.threshold_from_alignments(Gu @ rand, keep).mean())
     rows: dict[str, dict] = {}
     for route in args.routes:
         if route == "range":
